@@ -1,0 +1,31 @@
+"""Choose the core implementation. Every other module imports it from here.
+
+``BIGIPC_PUREPYTHON=1`` forces the pure-Python core. Otherwise the compiled
+``bigipc._core`` is used, and when it is missing (an install without a C
+compiler) the pure core is used with a ``RuntimeWarning``.
+"""
+
+import os
+import warnings
+
+__all__ = ["Channel", "IMPLEMENTATION", "LONG_HEADER", "MAX_SHORT_LENGTH"]
+
+if os.environ.get("BIGIPC_PUREPYTHON", "") not in ("", "0"):
+    from bigipc._purecore import LONG_HEADER, MAX_SHORT_LENGTH, Channel
+
+    IMPLEMENTATION = "python"
+else:
+    try:
+        from bigipc._core import LONG_HEADER, MAX_SHORT_LENGTH, Channel
+    except ImportError as exc:
+        warnings.warn(
+            "bigipc: the compiled core is not available (%s); using the slower "
+            "pure-Python core" % (exc,),
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        from bigipc._purecore import LONG_HEADER, MAX_SHORT_LENGTH, Channel
+
+        IMPLEMENTATION = "python"
+    else:
+        IMPLEMENTATION = "cython"

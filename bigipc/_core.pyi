@@ -1,0 +1,133 @@
+"""The core interface: one framed byte stream on one file descriptor.
+
+Two implementations satisfy it: the compiled ``bigipc._core`` (src/_core.pyx)
+and the pure-Python ``bigipc._purecore``. ``bigipc._backend`` picks one.
+The core knows frames, buffers, deadlines and errno; it knows nothing of
+pickle, of locks between processes, or of multiprocessing.
+
+Wire format (docs/protocol.md): a 4-byte big-endian signed length, then the
+payload. A length of -1 means an 8-byte big-endian unsigned length follows;
+it is used for payloads of 2**31 bytes and more. Any other negative value is
+a framing error.
+
+Timeouts: ``timeout=None`` blocks, a number is seconds for the whole call
+(one absolute monotonic deadline, however many syscalls and signals it
+takes), and ``0`` or a negative number never blocks. On expiry the call
+raises ``TimeoutError`` and the stream stays in sync:
+
+* a receive that got part of a message keeps it; the next receive (of any
+  kind) completes that same message;
+* a send that wrote part of a message keeps the unsent rest (copied, unless
+  the payload is an immutable ``bytes``, so the caller may reuse its
+  buffer) and writes it before anything sent later; ``flush()`` finishes it
+  with a deadline of its own. A send that wrote nothing sends nothing.
+
+The same holds when a Python signal handler raises (``KeyboardInterrupt``)
+in the middle of a call. A handler that returns lets the call go on.
+"""
+
+from typing import Any, Optional
+
+# Any object that exports a C-contiguous buffer (bytes, bytearray,
+# memoryview, array.array, mmap, numpy arrays, ...).
+ReadableBuffer = Any
+WritableBuffer = Any
+
+# The 4-byte header value announcing an 8-byte length.
+LONG_HEADER: int
+# Largest payload that still gets the 4-byte header (2**31 - 1).
+MAX_SHORT_LENGTH: int
+
+class Channel:
+    """One end of a framed byte stream; owns its file descriptor.
+
+    Non-socket descriptors (pipes, FIFOs, ttys) are put in non-blocking mode
+    (``O_NONBLOCK``, which is shared with every duplicate of the descriptor);
+    ``detach()`` restores the flags. Sockets keep their flags: the core uses
+    ``MSG_DONTWAIT`` per call instead, so code that does its own blocking I/O
+    on ``fileno()`` (``multiprocessing.reduction.recv_handle``) still works.
+
+    Thread-safe: one lock per direction. Sends from several threads never
+    interleave frames; receives from several threads each get whole
+    messages. Waiting for the lock counts against the call's deadline.
+    """
+
+    def __init__(
+        self,
+        fd: int,
+        readable: bool = True,
+        writable: bool = True,
+        *,
+        max_message_size: Optional[int] = None,
+    ) -> None:
+        """Take ownership of ``fd``.
+
+        ``ValueError`` for a negative fd or when neither direction is
+        enabled; ``OSError`` (EBADF) for a descriptor that is not open.
+        ``max_message_size`` (``None``: no limit) caps the length a received
+        header may announce.
+        """
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def readable(self) -> bool: ...
+    @property
+    def writable(self) -> bool: ...
+    @property
+    def is_socket(self) -> bool: ...
+    @property
+    def max_message_size(self) -> Optional[int]: ...
+    @max_message_size.setter
+    def max_message_size(self, value: Optional[int]) -> None: ...
+    @property
+    def send_pending(self) -> int:
+        """Bytes (header included) of a timed-out send still to be written."""
+    @property
+    def recv_in_progress(self) -> bool:
+        """True while a partly received message is held for the next receive."""
+    def fileno(self) -> int:
+        """The descriptor; ``OSError("handle is closed")`` once closed."""
+    def close(self) -> None:
+        """Close the descriptor. Idempotent. Unsent rest of a timed-out send is
+        dropped (the peer then sees a truncated message)."""
+    def detach(self) -> int:
+        """Give up ownership without closing: restore the descriptor's flags
+        and return it. The channel is closed afterwards."""
+    def send_bytes(
+        self,
+        data: ReadableBuffer,
+        offset: int = 0,
+        size: Optional[int] = None,
+        timeout: Optional[float] = None,
+    ) -> None:
+        """Send ``data[offset:offset+size]`` (in bytes) as one message.
+
+        Header and payload go out together (``writev``/``sendmsg``) from the
+        caller's memory. ``ValueError`` for a bad offset or size, exactly as
+        ``multiprocessing`` words it. ``BrokenPipeError`` when the reader is
+        gone.
+        """
+    def send_parts(self, parts: Any, timeout: Optional[float] = None) -> None:
+        """Send the concatenation of the buffers in the sequence ``parts`` as
+        one message, without joining them in memory."""
+    def flush(self, timeout: Optional[float] = None) -> None:
+        """Write the rest of a send that timed out. No-op when none."""
+    def recv_bytes(self, maxlength: Optional[int] = None, timeout: Optional[float] = None) -> bytes:
+        """Receive one message as ``bytes``, read straight into the result.
+
+        ``ValueError`` for a negative ``maxlength``; ``MessageTooLong`` when
+        the message is longer (it stays pending); ``EOFError`` at end of
+        stream on a frame boundary; ``TruncatedMessageError`` and
+        ``FrameError`` for a broken stream.
+        """
+    def recv_bytes_into(
+        self, buffer: WritableBuffer, offset: int = 0, timeout: Optional[float] = None
+    ) -> int:
+        """Receive one message into ``buffer`` at byte ``offset``; return its
+        length. When it does not fit, the whole message is consumed and
+        ``multiprocessing.BufferTooShort(message_bytes)`` is raised, as the
+        stdlib does. ``ValueError`` for a negative or too large offset."""
+    def poll(self, timeout: Optional[float] = 0.0) -> bool:
+        """True when a receive can make progress now: data or end of file on
+        the descriptor (or a broken stream whose error the receive reports).
+        Never reads."""
