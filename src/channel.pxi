@@ -1,0 +1,648 @@
+# The Channel type: one framed byte stream on one file descriptor.
+
+from multiprocessing import BufferTooShort
+from bigipc._errors import FrameError, MessageTooLong, TruncatedMessageError
+
+cdef enum:
+    _LONG_HEADER = -1              # 4-byte header value: an 8-byte length follows
+    _MAX_SHORT_LENGTH = 0x7FFFFFFF # largest payload with a 4-byte header
+
+LONG_HEADER = _LONG_HEADER
+MAX_SHORT_LENGTH = _MAX_SHORT_LENGTH
+
+# One syscall moves at most this much. Linux stops at about 2 GiB anyway and
+# macOS rejects more than INT_MAX with EINVAL; a bounded chunk also bounds
+# how long the GIL-free part of a call runs before signals are looked at.
+DEF _MAX_IO = 1 << 30
+# iovecs handed to one writev/sendmsg (POSIX guarantees at least 16; Linux
+# and macOS take 1024).
+DEF _IOV_BATCH = 64
+
+
+cdef inline void _pack_u32(uint8_t *out, uint32_t value) noexcept nogil:
+    out[0] = <uint8_t>(value >> 24)
+    out[1] = <uint8_t>(value >> 16)
+    out[2] = <uint8_t>(value >> 8)
+    out[3] = <uint8_t>value
+
+
+cdef inline uint32_t _unpack_u32(const uint8_t *p) noexcept nogil:
+    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | <uint32_t>p[3]
+
+
+cdef inline Py_ssize_t _make_header(uint8_t *out, uint64_t length) noexcept nogil:
+    """Write the frame header for ``length`` into ``out``; return its size."""
+    if length <= _MAX_SHORT_LENGTH:
+        _pack_u32(out, <uint32_t>length)
+        return 4
+    _pack_u32(out, 0xFFFFFFFFu)
+    _pack_u32(out + 4, <uint32_t>(length >> 32))
+    _pack_u32(out + 8, <uint32_t>(length & 0xFFFFFFFFu))
+    return 12
+
+
+cdef object _closed_error():
+    return OSError("handle is closed")
+
+
+cdef class Channel:
+    """One end of a framed byte stream; owns its file descriptor.
+
+    See bigipc/_core.pyi for the full contract.
+    """
+
+    cdef int _fd
+    cdef bint _readable
+    cdef bint _writable
+    cdef bint _is_socket
+    cdef int _saved_flags            # flags before O_NONBLOCK, -1 if untouched
+    cdef uint64_t _max_message_size  # 0 with _limit_size false: no limit
+    cdef bint _limit_size
+    cdef PyThread_type_lock _send_lock
+    cdef PyThread_type_lock _recv_lock
+    cdef pid_t _lock_pid             # process the locks were made in
+
+    # Rest of a message whose send was interrupted: a list of
+    # [bytes, start, end] still to write, in order.
+    cdef list _pending
+
+    # State of a message being received. _header holds the bytes of the
+    # header read so far; once _length_known, _length is the payload size.
+    # _partial, when not None, is a private bytes object of that size
+    # holding the first _partial_have bytes of the payload.
+    cdef uint8_t _header[12]
+    cdef int _header_have
+    cdef bint _length_known
+    cdef uint64_t _length
+    cdef object _partial
+    cdef Py_ssize_t _partial_have
+    # A framing error makes the receive side unusable: (type, message).
+    cdef object _recv_failure
+
+    def __cinit__(self):
+        self._fd = -1
+        self._saved_flags = -1
+        self._send_lock = NULL
+        self._recv_lock = NULL
+
+    def __init__(self, int fd, bint readable=True, bint writable=True, *, max_message_size=None):
+        cdef struct_stat st
+        cdef int flags, one = 1
+        if fd < 0:
+            raise ValueError("invalid file descriptor")
+        if not readable and not writable:
+            raise ValueError("at least one of `readable` and `writable` must be True")
+        if fstat(fd, &st) != 0:
+            PyErr_SetFromErrno(OSError)
+        self.max_message_size = max_message_size
+        self._send_lock = PyThread_allocate_lock()
+        self._recv_lock = PyThread_allocate_lock()
+        if self._send_lock == NULL or self._recv_lock == NULL:
+            raise MemoryError()
+        self._lock_pid = getpid()
+        self._is_socket = S_ISSOCK(st.st_mode)
+        if self._is_socket:
+            # Sockets keep their flags: MSG_DONTWAIT makes each of our calls
+            # non-blocking, and other users of the fd see what they expect.
+            if BIGIPC_SO_NOSIGPIPE:
+                setsockopt(fd, SOL_SOCKET, BIGIPC_SO_NOSIGPIPE, &one, sizeof(one))
+        else:
+            # Pipes have no per-call non-blocking flag, so the open file
+            # description itself goes non-blocking; detach() undoes it.
+            flags = fcntl(fd, F_GETFL)
+            if flags < 0:
+                PyErr_SetFromErrno(OSError)
+            if not (flags & O_NONBLOCK):
+                if fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0:
+                    PyErr_SetFromErrno(OSError)
+                self._saved_flags = flags
+        self._readable = readable
+        self._writable = writable
+        self._pending = []
+        self._reset_recv_state()
+        self._recv_failure = None
+        self._fd = fd
+
+    def __dealloc__(self):
+        if self._fd >= 0:
+            c_close(self._fd)
+            self._fd = -1
+        if self._send_lock != NULL:
+            PyThread_free_lock(self._send_lock)
+            self._send_lock = NULL
+        if self._recv_lock != NULL:
+            PyThread_free_lock(self._recv_lock)
+            self._recv_lock = NULL
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def closed(self):
+        return self._fd < 0
+
+    @property
+    def readable(self):
+        return self._readable
+
+    @property
+    def writable(self):
+        return self._writable
+
+    @property
+    def is_socket(self):
+        return self._is_socket
+
+    @property
+    def max_message_size(self):
+        return self._max_message_size if self._limit_size else None
+
+    @max_message_size.setter
+    def max_message_size(self, value):
+        if value is None:
+            self._limit_size = False
+            self._max_message_size = 0
+            return
+        if value < 0:
+            raise ValueError("max_message_size must be None or >= 0")
+        self._max_message_size = value
+        self._limit_size = True
+
+    @property
+    def send_pending(self):
+        cdef Py_ssize_t total = 0
+        for entry in self._pending:
+            total += <Py_ssize_t>entry[2] - <Py_ssize_t>entry[1]
+        return total
+
+    @property
+    def recv_in_progress(self):
+        return self._header_have > 0
+
+    def fileno(self):
+        if self._fd < 0:
+            raise _closed_error()
+        return self._fd
+
+    def close(self):
+        cdef int fd = self._fd
+        if fd >= 0:
+            self._fd = -1
+            self._pending = []
+            if c_close(fd) != 0 and errno != EINTR:
+                # EINTR from close() still leaves the fd closed on Linux and
+                # macOS; retrying could close someone else's new fd.
+                PyErr_SetFromErrno(OSError)
+
+    def detach(self):
+        cdef int fd = self._fd
+        if fd < 0:
+            raise _closed_error()
+        if self._saved_flags >= 0:
+            fcntl(fd, F_SETFL, self._saved_flags)
+            self._saved_flags = -1
+        self._fd = -1
+        self._pending = []
+        return fd
+
+    def __repr__(self):
+        if self._fd < 0:
+            return "<bigipc._core.Channel closed>"
+        return "<bigipc._core.Channel fd=%d%s%s%s>" % (
+            self._fd, " readable" if self._readable else "",
+            " writable" if self._writable else "", " socket" if self._is_socket else "")
+
+    # --------------------------------------------------------------- helpers
+
+    cdef int _check(self, bint sending) except -1:
+        if self._fd < 0:
+            raise _closed_error()
+        if sending and not self._writable:
+            raise OSError("connection is read-only")
+        if not sending and not self._readable:
+            raise OSError("connection is write-only")
+        return 0
+
+    cdef int _lock(self, bint sending, double deadline) except -1:
+        cdef PyThread_type_lock lock = self._send_lock if sending else self._recv_lock
+        if PyThread_acquire_lock_timed(lock, 0, 0) == PY_LOCK_ACQUIRED:
+            return 0
+        if self._lock_pid != getpid():
+            # A lock inherited over fork() may be held by a thread that does
+            # not exist in this process; start over with fresh locks.
+            self._renew_locks()
+            lock = self._send_lock if sending else self._recv_lock
+        _acquire_lock(lock, deadline, "send" if sending else "receive")
+        if self._fd < 0:
+            PyThread_release_lock(lock)
+            raise _closed_error()
+        return 0
+
+    cdef void _unlock(self, bint sending) noexcept:
+        PyThread_release_lock(self._send_lock if sending else self._recv_lock)
+
+    cdef int _renew_locks(self) except -1:
+        cdef PyThread_type_lock fresh_send = PyThread_allocate_lock()
+        cdef PyThread_type_lock fresh_recv = PyThread_allocate_lock()
+        if fresh_send == NULL or fresh_recv == NULL:
+            raise MemoryError()
+        # The old locks may be held; freeing a held lock is undefined, so
+        # they are leaked (two small objects, once per fork).
+        self._send_lock = fresh_send
+        self._recv_lock = fresh_recv
+        self._lock_pid = getpid()
+        return 0
+
+    # ------------------------------------------------------------------ send
+
+    cdef Py_ssize_t _write_some(self, iovec *iov, Py_ssize_t count, int *err) noexcept nogil:
+        """One write of at most _IOV_BATCH iovecs and _MAX_IO bytes."""
+        cdef iovec batch[_IOV_BATCH]
+        cdef msghdr message
+        cdef Py_ssize_t n = 0, total = 0
+        cdef ssize_t rc
+        while n < count and n < _IOV_BATCH and total < _MAX_IO:
+            batch[n] = iov[n]
+            if batch[n].iov_len > <size_t>(_MAX_IO - total):
+                batch[n].iov_len = <size_t>(_MAX_IO - total)
+            total += batch[n].iov_len
+            n += 1
+        if self._is_socket:
+            memset(&message, 0, sizeof(message))
+            message.msg_iov = batch
+            message.msg_iovlen = n
+            rc = sendmsg(self._fd, &message, MSG_DONTWAIT | MSG_NOSIGNAL)
+        elif n == 1:
+            rc = write(self._fd, batch[0].iov_base, batch[0].iov_len)
+        else:
+            rc = writev(self._fd, batch, <int>n)
+        if rc < 0:
+            err[0] = errno
+        return rc
+
+    cdef int _write_all(self, iovec *iov, Py_ssize_t count, Py_ssize_t *first,
+                        Py_ssize_t *written, double deadline) except -1:
+        """Write iov[first[0]:count] completely, advancing the entries in
+        place so that, on an exception, they describe exactly the unsent rest.
+        """
+        cdef Py_ssize_t rc, i
+        cdef int err = 0
+        while True:
+            i = first[0]
+            while i < count and iov[i].iov_len == 0:
+                i += 1
+            first[0] = i
+            if i >= count:
+                return 0
+            with nogil:
+                rc = self._write_some(iov + i, count - i, &err)
+            if rc > 0:
+                written[0] += rc
+                while rc > 0:
+                    if <size_t>rc >= iov[i].iov_len:
+                        rc -= iov[i].iov_len
+                        iov[i].iov_len = 0
+                        i += 1
+                    else:
+                        iov[i].iov_base = <char *>iov[i].iov_base + rc
+                        iov[i].iov_len -= rc
+                        rc = 0
+                continue
+            if rc == 0 or err == EAGAIN or err == EWOULDBLOCK:
+                if not _wait_fd(self._fd, POLLOUT, deadline):
+                    raise TimeoutError("timed out sending a message")
+            elif err == EINTR:
+                if PyErr_CheckSignals() < 0:
+                    return -1
+            else:
+                raise _os_error(err)
+
+    cdef int _flush(self, double deadline) except -1:
+        """Write the rest of an interrupted message; keep what is still unsent
+        if this is interrupted too."""
+        cdef Py_ssize_t count = len(self._pending), first = 0, written = 0, i
+        cdef iovec *iov
+        cdef list entry
+        if count == 0:
+            return 0
+        iov = <iovec *>PyMem_Malloc(count * sizeof(iovec))
+        if iov == NULL:
+            raise MemoryError()
+        try:
+            for i in range(count):
+                entry = self._pending[i]
+                iov[i].iov_base = PyBytes_AS_STRING(entry[0]) + <Py_ssize_t>entry[1]
+                iov[i].iov_len = <Py_ssize_t>entry[2] - <Py_ssize_t>entry[1]
+            try:
+                self._write_all(iov, count, &first, &written, deadline)
+            except BaseException:
+                for i in range(count):
+                    entry = self._pending[i]
+                    entry[1] = <Py_ssize_t>entry[2] - <Py_ssize_t>iov[i].iov_len
+                self._pending = [e for e in self._pending if e[1] < e[2]]
+                raise
+            self._pending = []
+        finally:
+            PyMem_Free(iov)
+        return 0
+
+    cdef int _send_message(self, iovec *iov, Py_ssize_t count, object keep, double deadline) except -1:
+        """Send one message whose payload is iov[1:count]; iov[0] gets the
+        header. ``keep`` is an immutable bytes object iov[1] points into (or
+        None): on interruption it is held instead of copied."""
+        cdef uint8_t header[12]
+        cdef uint64_t length = 0
+        cdef Py_ssize_t i, first = 0, written = 0
+        cdef char *base
+        for i in range(1, count):
+            length += iov[i].iov_len
+        iov[0].iov_base = header
+        iov[0].iov_len = _make_header(header, length)
+        self._flush(deadline)
+        try:
+            self._write_all(iov, count, &first, &written, deadline)
+        except BaseException as exc:
+            if written > 0:
+                self._save_rest(iov, count, first, keep)
+                if isinstance(exc, TimeoutError):
+                    raise TimeoutError(
+                        "timed out sending a message; its last %d bytes are pending and go "
+                        "out before the next message (flush() sends them)" % self.send_pending
+                    ) from None
+            raise
+        return 0
+
+    cdef int _save_rest(self, iovec *iov, Py_ssize_t count, Py_ssize_t first, object keep) except -1:
+        cdef Py_ssize_t i
+        cdef char *base
+        cdef list rest = []
+        for i in range(first, count):
+            if iov[i].iov_len == 0:
+                continue
+            if i == 1 and keep is not None:
+                base = PyBytes_AS_STRING(keep)
+                rest.append([keep, <char *>iov[i].iov_base - base,
+                             <char *>iov[i].iov_base - base + <Py_ssize_t>iov[i].iov_len])
+            else:
+                rest.append([PyBytes_FromStringAndSize(<char *>iov[i].iov_base, iov[i].iov_len),
+                             0, <Py_ssize_t>iov[i].iov_len])
+        self._pending = rest
+        return 0
+
+    def send_bytes(self, data, Py_ssize_t offset=0, size=None, timeout=None):
+        """Send ``data[offset:offset+size]`` (bytes) as one message."""
+        cdef Py_buffer view
+        cdef Py_ssize_t n
+        cdef iovec iov[2]
+        cdef double deadline
+        cdef object keep = None
+        self._check(True)
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            n = view.len
+            if offset < 0:
+                raise ValueError("offset is negative")
+            if n < offset:
+                raise ValueError("buffer length < offset")
+            if size is None:
+                size = n - offset
+            elif size < 0:
+                raise ValueError("size is negative")
+            elif offset + size > n:
+                raise ValueError("buffer length < offset + size")
+            iov[1].iov_base = <char *>view.buf + offset
+            iov[1].iov_len = <Py_ssize_t>size
+            if PyBytes_CheckExact(data):
+                keep = data
+            deadline = _deadline(timeout)
+            self._lock(True, deadline)
+            try:
+                self._send_message(iov, 2, keep, deadline)
+            finally:
+                self._unlock(True)
+        finally:
+            PyBuffer_Release(&view)
+
+    def send_parts(self, parts, timeout=None):
+        """Send the buffers of the sequence ``parts`` as one message."""
+        cdef Py_ssize_t count, got = 0, i
+        cdef Py_buffer *views
+        cdef iovec *iov
+        cdef double deadline
+        self._check(True)
+        parts = tuple(parts)
+        count = len(parts)
+        views = <Py_buffer *>PyMem_Malloc((count + 1) * sizeof(Py_buffer))
+        iov = <iovec *>PyMem_Malloc((count + 1) * sizeof(iovec))
+        if views == NULL or iov == NULL:
+            PyMem_Free(views)
+            PyMem_Free(iov)
+            raise MemoryError()
+        try:
+            for i in range(count):
+                PyObject_GetBuffer(parts[i], &views[i], PyBUF_SIMPLE)
+                got += 1
+                iov[i + 1].iov_base = views[i].buf
+                iov[i + 1].iov_len = views[i].len
+            deadline = _deadline(timeout)
+            self._lock(True, deadline)
+            try:
+                self._send_message(iov, count + 1, None, deadline)
+            finally:
+                self._unlock(True)
+        finally:
+            for i in range(got):
+                PyBuffer_Release(&views[i])
+            PyMem_Free(views)
+            PyMem_Free(iov)
+
+    def flush(self, timeout=None):
+        """Write the rest of a send that was interrupted; no-op when none."""
+        cdef double deadline
+        self._check(True)
+        if not self._pending:
+            return
+        deadline = _deadline(timeout)
+        self._lock(True, deadline)
+        try:
+            self._flush(deadline)
+        finally:
+            self._unlock(True)
+
+    # --------------------------------------------------------------- receive
+
+    cdef void _reset_recv_state(self) noexcept:
+        self._header_have = 0
+        self._length_known = False
+        self._length = 0
+        self._partial = None
+        self._partial_have = 0
+
+    cdef int _fail(self, type kind, str message) except -1:
+        """Mark the receive side broken and raise."""
+        self._recv_failure = (kind, message)
+        self._reset_recv_state()
+        raise kind(message)
+
+    cdef Py_ssize_t _read_some(self, char *into, Py_ssize_t size, double deadline) except -1:
+        """Read at least one and at most ``size`` bytes; 0 at end of file."""
+        cdef Py_ssize_t rc
+        cdef int err = 0
+        if size > _MAX_IO:
+            size = _MAX_IO
+        while True:
+            with nogil:
+                if self._is_socket:
+                    rc = recv(self._fd, into, size, MSG_DONTWAIT)
+                else:
+                    rc = read(self._fd, into, size)
+                if rc < 0:
+                    err = errno
+            if rc >= 0:
+                return rc
+            if err == EAGAIN or err == EWOULDBLOCK:
+                if not _wait_fd(self._fd, POLLIN, deadline):
+                    raise TimeoutError("timed out receiving a message")
+            elif err == EINTR:
+                if PyErr_CheckSignals() < 0:
+                    return -1
+            else:
+                raise _os_error(err)
+
+    cdef int _read_header(self, double deadline) except -1:
+        """Complete and validate the header of the next message."""
+        cdef Py_ssize_t got, want
+        cdef int32_t short_length
+        cdef uint64_t length
+        while not self._length_known:
+            want = (4 if self._header_have < 4 else 12) - self._header_have
+            got = self._read_some(<char *>self._header + self._header_have, want, deadline)
+            if got == 0:
+                if self._header_have == 0:
+                    raise EOFError("end of stream")
+                self._fail(TruncatedMessageError,
+                           "end of file inside a frame header (%d of %d bytes)"
+                           % (self._header_have, 4 if self._header_have < 4 else 12))
+            self._header_have += got
+            if self._header_have == 4:
+                short_length = <int32_t>_unpack_u32(self._header)
+                if short_length >= 0:
+                    self._length = <uint64_t>short_length
+                    self._length_known = True
+                elif short_length != _LONG_HEADER:
+                    self._fail(FrameError, "invalid frame header: length %d" % short_length)
+            elif self._header_have == 12:
+                self._length = (<uint64_t>_unpack_u32(self._header + 4) << 32) | _unpack_u32(self._header + 8)
+                self._length_known = True
+        length = self._length
+        if length > <uint64_t>PY_SSIZE_T_MAX:
+            self._fail(FrameError, "invalid frame header: length %d" % length)
+        if self._limit_size and length > self._max_message_size:
+            self._fail(FrameError, "message of %d bytes exceeds max_message_size %d"
+                       % (length, self._max_message_size))
+        return 0
+
+    cdef int _begin_receive(self, double deadline) except -1:
+        self._check(False)
+        self._lock(False, deadline)
+        if self._recv_failure is not None:
+            self._unlock(False)
+            kind, message = self._recv_failure
+            raise kind(message)
+        return 0
+
+    cdef object _read_payload(self, double deadline):
+        """Read the rest of the current message into the private buffer and
+        return it as bytes (the header must be complete)."""
+        cdef Py_ssize_t length = <Py_ssize_t>self._length, got
+        cdef char *data
+        cdef object result
+        if self._partial is None:
+            self._partial = PyBytes_FromStringAndSize(NULL, length)
+            self._partial_have = 0
+        data = PyBytes_AS_STRING(self._partial)
+        while self._partial_have < length:
+            got = self._read_some(data + self._partial_have, length - self._partial_have, deadline)
+            if got == 0:
+                self._fail(TruncatedMessageError,
+                           "end of file inside a message (%d of %d bytes)" % (self._partial_have, length))
+            self._partial_have += got
+        result = self._partial
+        self._reset_recv_state()
+        return result
+
+    def recv_bytes(self, maxlength=None, timeout=None):
+        """Receive one message as bytes."""
+        cdef double deadline
+        if maxlength is not None and maxlength < 0:
+            raise ValueError("negative maxlength")
+        deadline = _deadline(timeout)
+        self._begin_receive(deadline)
+        try:
+            self._read_header(deadline)
+            if maxlength is not None and self._length > <uint64_t>maxlength:
+                raise MessageTooLong(self._length, maxlength)
+            return self._read_payload(deadline)
+        finally:
+            self._unlock(False)
+
+    def recv_bytes_into(self, buffer, Py_ssize_t offset=0, timeout=None):
+        """Receive one message into ``buffer`` at byte ``offset``."""
+        cdef Py_buffer view
+        cdef double deadline
+        cdef Py_ssize_t length, have = 0, got
+        cdef char *target
+        PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE)
+        try:
+            if offset < 0:
+                raise ValueError("negative offset")
+            if offset > view.len:
+                raise ValueError("offset too large")
+            deadline = _deadline(timeout)
+            self._begin_receive(deadline)
+            try:
+                self._read_header(deadline)
+                length = <Py_ssize_t>self._length
+                if length > view.len - offset:
+                    raise BufferTooShort(self._read_payload(deadline))
+                target = <char *>view.buf + offset
+                if self._partial is not None:
+                    have = self._partial_have
+                    memcpy(target, PyBytes_AS_STRING(self._partial), have)
+                try:
+                    while have < length:
+                        got = self._read_some(target + have, length - have, deadline)
+                        if got == 0:
+                            self._fail(TruncatedMessageError,
+                                       "end of file inside a message (%d of %d bytes)" % (have, length))
+                        have += got
+                except BaseException:
+                    if self._length_known:
+                        self._keep_partial(target, have)
+                    raise
+                self._reset_recv_state()
+                return length
+            finally:
+                self._unlock(False)
+        finally:
+            PyBuffer_Release(&view)
+
+    cdef int _keep_partial(self, const char *source, Py_ssize_t have) except -1:
+        """An interrupted receive into a caller's buffer: move what arrived
+        into private memory so any later receive can finish the message."""
+        if self._partial is None:
+            try:
+                self._partial = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>self._length)
+            except MemoryError:
+                self._fail(FrameError, "out of memory holding a partly received message")
+        memcpy(PyBytes_AS_STRING(self._partial), source, have)
+        self._partial_have = have
+        return 0
+
+    def poll(self, timeout=0.0):
+        """True when a receive can make progress now. Never reads."""
+        cdef double deadline
+        self._check(False)
+        if self._recv_failure is not None:
+            return True
+        deadline = _deadline(timeout)
+        return _wait_fd(self._fd, POLLIN, deadline) == 1

@@ -1,0 +1,88 @@
+# Declarations of the POSIX and CPython calls the core uses.
+
+from libc.errno cimport errno, EINTR, EAGAIN, EBADF
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, int32_t
+from libc.string cimport memcpy, memset, strerror
+from libc.math cimport INFINITY, ceil
+from posix.unistd cimport read, write, getpid, close as c_close
+from posix.types cimport pid_t
+from posix.fcntl cimport fcntl, F_GETFL, F_SETFL, O_NONBLOCK
+from posix.stat cimport struct_stat, fstat, S_ISSOCK
+
+from cpython.buffer cimport (
+    PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE,
+)
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_CheckExact
+from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
+from cpython.mem cimport PyMem_Malloc, PyMem_Free
+from cpython.pythread cimport (
+    PyThread_type_lock, PyThread_allocate_lock, PyThread_free_lock,
+    PyThread_release_lock, PyLockStatus, PY_LOCK_ACQUIRED, PY_LOCK_INTR,
+)
+
+cdef extern from "pythread.h" nogil:
+    PyLockStatus PyThread_acquire_lock_timed(PyThread_type_lock lock, long long microseconds, int intr_flag)
+
+
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+    ssize_t writev(int fd, const iovec *iov, int iovcnt)
+
+cdef extern from "<sys/socket.h>" nogil:
+    struct msghdr:
+        void *msg_name
+        int msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+    ssize_t sendmsg(int fd, const msghdr *msg, int flags)
+    ssize_t recv(int fd, void *buf, size_t n, int flags)
+    int MSG_DONTWAIT
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    short POLLIN, POLLOUT, POLLNVAL
+
+cdef extern from "<time.h>" nogil:
+    ctypedef long time_t
+    struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    int clock_gettime(int clk_id, timespec *tp)
+    int CLOCK_MONOTONIC
+
+cdef extern from *:
+    """
+    /* macOS has no MSG_NOSIGNAL; there the core relies on Python ignoring
+       SIGPIPE (which it does by default) and sets SO_NOSIGPIPE on sockets. */
+    #include <sys/socket.h>
+    #ifndef MSG_NOSIGNAL
+    #define MSG_NOSIGNAL 0
+    #endif
+    #ifdef SO_NOSIGPIPE
+    #define BIGIPC_SO_NOSIGPIPE SO_NOSIGPIPE
+    #else
+    #define BIGIPC_SO_NOSIGPIPE 0
+    #endif
+    #include <limits.h>
+    #include <errno.h>
+    #ifndef IOV_MAX
+    #define IOV_MAX 1024
+    #endif
+    """
+    int MSG_NOSIGNAL
+    int BIGIPC_SO_NOSIGPIPE
+    int SOL_SOCKET
+    int setsockopt(int fd, int level, int name, const void *value, unsigned int length)
+    int IOV_MAX
+    int EWOULDBLOCK
+    int INT_MAX
+    Py_ssize_t PY_SSIZE_T_MAX
