@@ -28,6 +28,9 @@ in the middle of a call. A handler that returns lets the call go on.
 
 from typing import Any, Optional
 
+# Every timeout is keyword-only, so that the positional parameters stay
+# exactly those of multiprocessing.connection.Connection.
+
 # Any object that exports a C-contiguous buffer (bytes, bytearray,
 # memoryview, array.array, mmap, numpy arrays, ...).
 ReadableBuffer = Any
@@ -98,6 +101,7 @@ class Channel:
         data: ReadableBuffer,
         offset: int = 0,
         size: Optional[int] = None,
+        *,
         timeout: Optional[float] = None,
     ) -> None:
         """Send ``data[offset:offset+size]`` (in bytes) as one message.
@@ -107,12 +111,12 @@ class Channel:
         ``multiprocessing`` words it. ``BrokenPipeError`` when the reader is
         gone.
         """
-    def send_parts(self, parts: Any, timeout: Optional[float] = None) -> None:
+    def send_parts(self, parts: Any, *, timeout: Optional[float] = None) -> None:
         """Send the concatenation of the buffers in the sequence ``parts`` as
         one message, without joining them in memory."""
-    def flush(self, timeout: Optional[float] = None) -> None:
+    def flush(self, *, timeout: Optional[float] = None) -> None:
         """Write the rest of a send that timed out. No-op when none."""
-    def recv_bytes(self, maxlength: Optional[int] = None, timeout: Optional[float] = None) -> bytes:
+    def recv_bytes(self, maxlength: Optional[int] = None, *, timeout: Optional[float] = None) -> bytes:
         """Receive one message as ``bytes``, read straight into the result.
 
         ``ValueError`` for a negative ``maxlength``; ``MessageTooLong`` when
@@ -121,7 +125,7 @@ class Channel:
         ``FrameError`` for a broken stream.
         """
     def recv_bytes_into(
-        self, buffer: WritableBuffer, offset: int = 0, timeout: Optional[float] = None
+        self, buffer: WritableBuffer, offset: int = 0, *, timeout: Optional[float] = None
     ) -> int:
         """Receive one message into ``buffer`` at byte ``offset``; return its
         length. When it does not fit, the whole message is consumed and

@@ -30,7 +30,7 @@ _PROTOCOL = 5
 wait = _mp_connection.wait
 
 
-class Connection:
+class Connection(Channel):
     """A connection over one pipe or socket file descriptor.
 
     ``Connection(fd, readable=True, writable=True)`` takes ownership of
@@ -38,14 +38,17 @@ class Connection:
     received header may announce; a longer one raises ``FrameError`` before
     anything is allocated.
 
+    The byte-level methods (``send_bytes``, ``recv_bytes``,
+    ``recv_bytes_into``, ``poll``, ``flush``, ``send_parts``, ``fileno``,
+    ``close``, ``detach``) are the core's own, called with no Python layer in
+    between; this class adds objects (pickling) and the stdlib's manners.
+
     Sends from several threads never interleave; receives from several
     threads each get whole messages.
     """
 
-    __slots__ = ("_channel", "__weakref__")
-
     def __init__(self, handle, readable=True, writable=True, *, max_message_size=None):
-        self._channel = Channel(handle.__index__(), readable, writable, max_message_size=max_message_size)
+        super().__init__(handle.__index__(), readable, writable, max_message_size=max_message_size)
 
     @classmethod
     def adopt(cls, conn, *, max_message_size=None):
@@ -59,55 +62,11 @@ class Connection:
         if not isinstance(conn, _mp_connection.Connection):
             raise TypeError("adopt() takes a multiprocessing.connection.Connection, not %s" % type(conn).__name__)
         fd = conn.fileno()  # raises OSError("handle is closed") when it is
-        readable, writable = conn.readable, conn.writable
-        adopted = cls(fd, readable, writable, max_message_size=max_message_size)
+        adopted = cls(fd, conn.readable, conn.writable, max_message_size=max_message_size)
         # Detach the stdlib object from the fd: with _handle gone its close()
         # and __del__ leave the descriptor alone.
         conn._handle = None
         return adopted
-
-    # -- state -------------------------------------------------------------
-
-    @property
-    def closed(self):
-        """True once ``close()`` was called."""
-        return self._channel.closed
-
-    @property
-    def readable(self):
-        """True if the connection can receive."""
-        return self._channel.readable
-
-    @property
-    def writable(self):
-        """True if the connection can send."""
-        return self._channel.writable
-
-    @property
-    def max_message_size(self):
-        """Largest message length a received header may announce (None: any)."""
-        return self._channel.max_message_size
-
-    @max_message_size.setter
-    def max_message_size(self, value):
-        self._channel.max_message_size = value
-
-    @property
-    def send_pending(self):
-        """Bytes of a timed-out send that still go out before the next one."""
-        return self._channel.send_pending
-
-    def fileno(self):
-        """The file descriptor."""
-        return self._channel.fileno()
-
-    def close(self):
-        """Close the connection. Idempotent."""
-        self._channel.close()
-
-    def detach(self):
-        """Return the file descriptor without closing it (flags restored)."""
-        return self._channel.detach()
 
     def __enter__(self):
         return self
@@ -116,60 +75,23 @@ class Connection:
         self.close()
 
     def __repr__(self):
-        channel = self._channel
-        if channel.closed:
+        if self.closed:
             return "<bigipc.Connection closed>"
         return "<bigipc.Connection fd=%d%s%s>" % (
-            channel.fileno(),
-            " readable" if channel.readable else "",
-            " writable" if channel.writable else "",
+            self.fileno(),
+            " readable" if self.readable else "",
+            " writable" if self.writable else "",
         )
 
-    # -- bytes -------------------------------------------------------------
-
-    def send_bytes(self, buf, offset=0, size=None, *, timeout=None):
-        """Send ``buf[offset:offset+size]`` (any buffer, offsets in bytes) as one
-        message, written straight from the caller's memory."""
-        self._channel.send_bytes(buf, offset, size, timeout)
-
-    def recv_bytes(self, maxlength=None, *, timeout=None):
-        """Receive one message as ``bytes``.
-
-        A message longer than ``maxlength`` raises ``MessageTooLong`` (an
-        ``OSError``, as the stdlib's "bad message length") and stays pending,
-        unlike the stdlib, which closes the connection.
-        """
-        return self._channel.recv_bytes(maxlength, timeout)
-
-    def recv_bytes_into(self, buf, offset=0, *, timeout=None):
-        """Receive one message into ``buf`` at byte ``offset``; return its size.
-
-        When it does not fit, the message is consumed and
-        ``BufferTooShort(message)`` is raised, as in the stdlib.
-        """
-        return self._channel.recv_bytes_into(buf, offset, timeout)
-
-    def flush(self, *, timeout=None):
-        """Finish a send that timed out part way; no-op when none is pending."""
-        self._channel.flush(timeout)
-
-    # -- objects -----------------------------------------------------------
-
     def send(self, obj, *, timeout=None):
-        """Send a picklable object (pickled in the caller, protocol 5)."""
-        self._channel.send_bytes(_dumps(obj, _PROTOCOL), 0, None, timeout)
+        """Send a picklable object (pickled here, in the caller, protocol 5)."""
+        self.send_bytes(_dumps(obj, _PROTOCOL), timeout=timeout)
 
     def recv(self, *, timeout=None):
         """Receive an object sent with ``send()``."""
-        return _loads(self._channel.recv_bytes(None, timeout))
+        return _loads(self.recv_bytes(timeout=timeout))
 
-    def poll(self, timeout=0.0):
-        """Whether data (or end of file) is waiting; waits up to ``timeout``
-        seconds (``None``: forever). A message may still be only partly there:
-        use ``recv(timeout=...)`` for a bounded receive."""
-        return self._channel.poll(timeout)
-
-    def __getstate__(self):
+    def __reduce_ex__(self, protocol):
         raise TypeError(
             "a bigipc Connection can only be pickled by multiprocessing: as a Process "
             "argument or sent over another Connection"

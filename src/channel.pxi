@@ -78,6 +78,7 @@ cdef class Channel:
     cdef Py_ssize_t _partial_have
     # A framing error makes the receive side unusable: (type, message).
     cdef object _recv_failure
+    cdef object __weakref__
 
     def __cinit__(self):
         self._fd = -1
@@ -388,7 +389,7 @@ cdef class Channel:
         self._pending = rest
         return 0
 
-    def send_bytes(self, data, Py_ssize_t offset=0, size=None, timeout=None):
+    def send_bytes(self, data, Py_ssize_t offset=0, size=None, *, timeout=None):
         """Send ``data[offset:offset+size]`` (bytes) as one message."""
         cdef Py_buffer view
         cdef Py_ssize_t n
@@ -422,7 +423,7 @@ cdef class Channel:
         finally:
             PyBuffer_Release(&view)
 
-    def send_parts(self, parts, timeout=None):
+    def send_parts(self, parts, *, timeout=None):
         """Send the buffers of the sequence ``parts`` as one message."""
         cdef Py_ssize_t count, got = 0, i
         cdef Py_buffer *views
@@ -455,7 +456,7 @@ cdef class Channel:
             PyMem_Free(views)
             PyMem_Free(iov)
 
-    def flush(self, timeout=None):
+    def flush(self, *, timeout=None):
         """Write the rest of a send that was interrupted; no-op when none."""
         cdef double deadline
         self._check(True)
@@ -570,7 +571,7 @@ cdef class Channel:
         self._reset_recv_state()
         return result
 
-    def recv_bytes(self, maxlength=None, timeout=None):
+    def recv_bytes(self, maxlength=None, *, timeout=None):
         """Receive one message as bytes."""
         cdef double deadline
         if maxlength is not None and maxlength < 0:
@@ -585,7 +586,7 @@ cdef class Channel:
         finally:
             self._unlock(False)
 
-    def recv_bytes_into(self, buffer, Py_ssize_t offset=0, timeout=None):
+    def recv_bytes_into(self, buffer, Py_ssize_t offset=0, *, timeout=None):
         """Receive one message into ``buffer`` at byte ``offset``."""
         cdef Py_buffer view
         cdef double deadline
