@@ -14,7 +14,13 @@ if sys.platform == "win32":  # pragma: no cover - checked on POSIX only
     )
 
 from bigipc._backend import IMPLEMENTATION
-from bigipc._errors import BufferTooShort, FrameError, MessageTooLong, TruncatedMessageError
+from bigipc._errors import (
+    BufferTooShort,
+    FrameError,
+    MessageTooLong,
+    MultipartMessageError,
+    TruncatedMessageError,
+)
 from bigipc._version import __version__
 from bigipc.connection import Connection, Pipe, wait
 
@@ -24,6 +30,7 @@ __all__ = [
     "Connection",
     "FrameError",
     "MessageTooLong",
+    "MultipartMessageError",
     "Pipe",
     "TruncatedMessageError",
     "__version__",

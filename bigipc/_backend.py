@@ -8,15 +8,15 @@ compiler) the pure core is used with a ``RuntimeWarning``.
 import os
 import warnings
 
-__all__ = ["Channel", "IMPLEMENTATION", "LONG_HEADER", "MAX_SHORT_LENGTH"]
+__all__ = ["Channel", "IMPLEMENTATION", "LONG_HEADER", "MAX_PARTS", "MAX_SHORT_LENGTH", "MULTIPART_HEADER"]
 
 if os.environ.get("BIGIPC_PUREPYTHON", "") not in ("", "0"):
-    from bigipc._purecore import LONG_HEADER, MAX_SHORT_LENGTH, Channel
+    from bigipc._purecore import LONG_HEADER, MAX_PARTS, MAX_SHORT_LENGTH, MULTIPART_HEADER, Channel
 
     IMPLEMENTATION = "python"
 else:
     try:
-        from bigipc._core import LONG_HEADER, MAX_SHORT_LENGTH, Channel
+        from bigipc._core import LONG_HEADER, MAX_PARTS, MAX_SHORT_LENGTH, MULTIPART_HEADER, Channel
     except ImportError as exc:
         warnings.warn(
             "bigipc: the compiled core is not available (%s); using the slower "
@@ -24,7 +24,7 @@ else:
             RuntimeWarning,
             stacklevel=2,
         )
-        from bigipc._purecore import LONG_HEADER, MAX_SHORT_LENGTH, Channel
+        from bigipc._purecore import LONG_HEADER, MAX_PARTS, MAX_SHORT_LENGTH, MULTIPART_HEADER, Channel
 
         IMPLEMENTATION = "python"
     else:

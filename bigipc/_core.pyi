@@ -7,8 +7,11 @@ pickle, of locks between processes, or of multiprocessing.
 
 Wire format (docs/protocol.md): a 4-byte big-endian signed length, then the
 payload. A length of -1 means an 8-byte big-endian unsigned length follows;
-it is used for payloads of 2**31 bytes and more. Any other negative value is
-a framing error.
+it is used for payloads of 2**31 bytes and more. These "plain" messages are
+exactly multiprocessing's. A length of -2 starts a multipart message
+(bigipc's own): a 4-byte big-endian part count k (1..MAX_PARTS), k 8-byte
+big-endian part lengths (top bit: the part was sent from read-only memory),
+then the parts back to back. Any other negative value is a framing error.
 
 Timeouts: ``timeout=None`` blocks, a number is seconds for the whole call
 (one absolute monotonic deadline, however many syscalls and signals it
@@ -38,8 +41,12 @@ WritableBuffer = Any
 
 # The 4-byte header value announcing an 8-byte length.
 LONG_HEADER: int
+# The 4-byte header value that starts a multipart message.
+MULTIPART_HEADER: int
 # Largest payload that still gets the 4-byte header (2**31 - 1).
 MAX_SHORT_LENGTH: int
+# Most parts a multipart message may have.
+MAX_PARTS: int
 
 class Channel:
     """One end of a framed byte stream; owns its file descriptor.
@@ -114,16 +121,40 @@ class Channel:
     def send_parts(self, parts: Any, *, timeout: Optional[float] = None) -> None:
         """Send the concatenation of the buffers in the sequence ``parts`` as
         one message, without joining them in memory."""
+    def send_multipart(self, parts: Any, *, timeout: Optional[float] = None) -> None:
+        """Send the buffers of ``parts`` (1 to MAX_PARTS of them) as one
+        multipart message, written from their own memory with one gather
+        write; ``recv_message`` returns them as separate objects."""
+    def send_many(self, messages: Any, *, timeout: Optional[float] = None) -> None:
+        """Send each buffer of ``messages`` as its own plain message, written
+        together with as few system calls as possible. Interrupted once some
+        bytes are out, the unsent rest of the whole batch is pending as one
+        unit (``send_pending``, ``flush()``)."""
     def flush(self, *, timeout: Optional[float] = None) -> None:
         """Write the rest of a send that timed out. No-op when none."""
     def recv_bytes(self, maxlength: Optional[int] = None, *, timeout: Optional[float] = None) -> bytes:
-        """Receive one message as ``bytes``, read straight into the result.
+        """Receive one plain message as ``bytes``, read straight into the result.
 
-        ``ValueError`` for a negative ``maxlength``; ``MessageTooLong`` when
+        ``MultipartMessageError`` when the next message is multipart (it
+        stays pending); ``ValueError`` for a negative ``maxlength``; ``MessageTooLong`` when
         the message is longer (it stays pending); ``EOFError`` at end of
         stream on a frame boundary; ``TruncatedMessageError`` and
         ``FrameError`` for a broken stream.
         """
+    def recv_message(
+        self, maxlength: Optional[int] = None, *, timeout: Optional[float] = None
+    ) -> Any:
+        """Receive one message of either kind: ``bytes`` for a plain message;
+        for a multipart one a list of its parts, each read straight into its
+        own new object (``bytes`` for parts sent from read-only memory,
+        ``bytearray`` otherwise). ``maxlength`` bounds the total size."""
+    def recv_many(self, max_bytes: int = 65536, *, timeout: Optional[float] = None) -> list:
+        """Receive every message completed within the next ``max_bytes`` bytes
+        of the stream: at least one, waiting up to ``timeout`` for it. Items
+        are as ``recv_message`` returns them. Reads ahead only within the
+        batch: a message cut by its end stays held like an interrupted
+        receive, and no complete message is ever held back, so ``poll()``,
+        ``wait()`` and selectors stay truthful. ``ValueError`` below 16."""
     def recv_bytes_into(
         self, buffer: WritableBuffer, offset: int = 0, *, timeout: Optional[float] = None
     ) -> int:

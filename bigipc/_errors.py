@@ -11,6 +11,7 @@ __all__ = [
     "BufferTooShort",
     "FrameError",
     "MessageTooLong",
+    "MultipartMessageError",
     "TruncatedMessageError",
 ]
 
@@ -45,3 +46,12 @@ class MessageTooLong(OSError):
 
     def __reduce__(self):  # pragma: no cover - trivial
         return (type(self), (self.length, self.maxlength))
+
+
+class MultipartMessageError(OSError):
+    """The next message is a multipart message (an object sent with its
+    buffers out of band), and the call can only take a plain one.
+
+    Nothing is lost: the message stays pending for ``recv()`` (on a
+    Connection) or ``recv_message()`` (on the core).
+    """

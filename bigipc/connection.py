@@ -7,6 +7,7 @@ send and receive takes ``timeout=`` (keyword only): ``None`` blocks, a
 number is the deadline for the whole call in seconds, ``0`` never blocks.
 """
 
+import io
 import os
 import pickle
 import socket
@@ -18,11 +19,40 @@ from bigipc._backend import Channel
 
 __all__ = ["Connection", "Pipe", "wait"]
 
-_dumps = _reduction.ForkingPickler.dumps
-_loads = _reduction.ForkingPickler.loads
+_ForkingPickler = _reduction.ForkingPickler
+_loads = _ForkingPickler.loads
 # Protocol 5 is what a stdlib peer reads too (pickle.loads takes any
 # protocol), and the one that can carry buffers out of band.
 _PROTOCOL = 5
+# Buffers at least this large travel out of band: copying less costs less
+# than the extra bookkeeping of a multipart message.
+OUT_OF_BAND_THRESHOLD = 64 * 1024
+
+
+def _dumps(obj, threshold):
+    """Pickle ``obj``; return (pickle data, out-of-band buffers)."""
+    buffers = []
+    if threshold is None:
+        callback = None
+    else:
+        if type(obj) is bytes or type(obj) is bytearray:
+            # Pickled as a PickleBuffer, a top-level bytes or bytearray goes
+            # out of band too and unpickles as the very object received.
+            if len(obj) >= threshold:
+                obj = pickle.PickleBuffer(obj)
+
+        def callback(buffer):
+            view = buffer.raw()
+            if view.nbytes < threshold:
+                return True  # in band
+            buffers.append(view)
+            return False
+
+    out = io.BytesIO()
+    # ForkingPickler passes only positional arguments on to the Pickler:
+    # (file, protocol, fix_imports, buffer_callback).
+    _ForkingPickler(out, _PROTOCOL, True, callback).dump(obj)
+    return out.getbuffer(), buffers
 
 # bigipc never reads ahead of the message it returns, so the readiness of
 # the descriptor is the whole truth and multiprocessing's wait() serves as
@@ -83,13 +113,29 @@ class Connection(Channel):
             " writable" if self.writable else "",
         )
 
+    #: Buffers of at least this many bytes inside a sent object (numpy
+    #: arrays, ``PickleBuffer``, a top-level bytes or bytearray) travel out of
+    #: band: written from the object's memory and read straight into the
+    #: receiver's. Such a message is multipart, which only bigipc reads; set
+    #: ``None`` on a connection whose peer is a stdlib Connection.
+    out_of_band_threshold = OUT_OF_BAND_THRESHOLD
+
     def send(self, obj, *, timeout=None):
-        """Send a picklable object (pickled here, in the caller, protocol 5)."""
-        self.send_bytes(_dumps(obj, _PROTOCOL), timeout=timeout)
+        """Send a picklable object, pickled here in the caller (protocol 5);
+        large buffers go out of band (see ``out_of_band_threshold``)."""
+        data, buffers = _dumps(obj, self.out_of_band_threshold)
+        if buffers:
+            buffers.insert(0, data)
+            self.send_multipart(buffers, timeout=timeout)
+        else:
+            self.send_bytes(data, timeout=timeout)
 
     def recv(self, *, timeout=None):
-        """Receive an object sent with ``send()``."""
-        return _loads(self.recv_bytes(timeout=timeout))
+        """Receive an object sent with ``send()`` (by bigipc or the stdlib)."""
+        message = self.recv_message(timeout=timeout)
+        if type(message) is list:
+            return _loads(message[0], buffers=message[1:])
+        return _loads(message)
 
     def __reduce_ex__(self, protocol):
         raise TypeError(

@@ -16,6 +16,11 @@ cdef object _os_error(int err):
     return OSError(err, strerror(err).decode("utf-8", "replace"))
 
 
+cdef int _run_signal_handlers() except -1:
+    # PyErr_CheckSignals() runs the Python handlers; -1 means one raised.
+    return PyErr_CheckSignals()
+
+
 cdef double _deadline(object timeout) except? -1.0:
     """None blocks forever; zero or a negative number means "do not block"."""
     cdef double seconds
