@@ -155,6 +155,16 @@ class Channel:
         batch: a message cut by its end stays held like an interrupted
         receive, and no complete message is ever held back, so ``poll()``,
         ``wait()`` and selectors stay truthful. ``ValueError`` below 16."""
+    def recv_begin(self, maxlength: Optional[int] = None, *, timeout: Optional[float] = None) -> int:
+        """Start streaming the next plain message; return how many of its
+        bytes are still to be taken (all of them unless an earlier stream of
+        it was interrupted). Until they are all taken with
+        ``recv_chunk_into``, other receives raise ``ValueError``."""
+    def recv_chunk_into(self, buffer: WritableBuffer, *, timeout: Optional[float] = None) -> int:
+        """Copy the next bytes (at least one, at most ``len(buffer)``) of the
+        message being streamed into ``buffer``; return the count. After the
+        last byte the message is done. ``ValueError`` when no message is
+        being streamed."""
     def recv_bytes_into(
         self, buffer: WritableBuffer, offset: int = 0, *, timeout: Optional[float] = None
     ) -> int:

@@ -11,6 +11,7 @@ import io
 import os
 import pickle
 import socket
+import time
 from multiprocessing import connection as _mp_connection
 from multiprocessing import reduction as _reduction
 
@@ -112,6 +113,29 @@ class Connection(Channel):
             " readable" if self.readable else "",
             " writable" if self.writable else "",
         )
+
+    def recv_bytes_to(self, file, *, chunk_size=1 << 20, maxlength=None, timeout=None):
+        """Stream the next message into ``file`` (anything with ``write()``:
+        an open binary file, a BytesIO, a socket's makefile) one chunk at a
+        time, so it may be larger than free memory. Return the number of bytes
+        written.
+
+        ``timeout`` is one deadline for the whole message. On ``TimeoutError``
+        the bytes written so far stay written and the next call of this
+        method writes the rest; other receives refuse (``ValueError``) until
+        the message is finished.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        remaining = self.recv_begin(maxlength, timeout=timeout)
+        chunk = memoryview(bytearray(max(1, min(chunk_size, remaining))))
+        written = 0
+        while remaining:
+            left = None if deadline is None else deadline - time.monotonic()
+            n = self.recv_chunk_into(chunk[: min(remaining, len(chunk))], timeout=left)
+            file.write(chunk[:n])
+            remaining -= n
+            written += n
+        return written
 
     #: Buffers of at least this many bytes inside a sent object (numpy
     #: arrays, ``PickleBuffer``, a top-level bytes or bytearray) travel out of

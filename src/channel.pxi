@@ -108,6 +108,12 @@ cdef class Channel:
     cdef list _parts
     cdef Py_ssize_t _part_index
     cdef Py_ssize_t _have
+    # A plain message being streamed to the caller (recv_begin): _have bytes
+    # of it have left the descriptor, _delivered of them reached the caller;
+    # the difference, if any, sits in _partial from an earlier interrupted
+    # receive.
+    cdef bint _streaming
+    cdef Py_ssize_t _delivered
     # A framing error makes the receive side unusable: (type, message).
     cdef object _recv_failure
     cdef object __weakref__
@@ -562,6 +568,8 @@ cdef class Channel:
         self._parts = None
         self._part_index = 0
         self._have = 0
+        self._streaming = False
+        self._delivered = 0
 
     cdef int _fail(self, type kind, str message) except -1:
         """Mark the receive side broken and raise."""
@@ -677,13 +685,17 @@ cdef class Channel:
                 self._fail(TruncatedMessageError, "end of file inside a frame header")
             self._header_advance(got)
 
-    cdef int _begin_receive(self, double deadline) except -1:
+    cdef int _begin_receive(self, double deadline, bint streaming=False) except -1:
         self._check(False)
         self._lock(False, deadline)
         if self._recv_failure is not None:
             self._unlock(False)
             kind, message = self._recv_failure
             raise kind(message)
+        if self._streaming and not streaming:
+            self._unlock(False)
+            raise ValueError("a message is being streamed (recv_begin); finish it with "
+                             "recv_chunk_into() first")
         return 0
 
     cdef int _check_plain(self, maxlength) except -1:
@@ -935,6 +947,72 @@ cdef class Channel:
         finally:
             PyMem_Free(scratch)
             self._unlock(False)
+
+    def recv_begin(self, maxlength=None, *, timeout=None):
+        """Start streaming the next plain message and return how many of its
+        bytes are still to be taken (its length, unless a stream of it was
+        interrupted before); they come from ``recv_chunk_into``. Other
+        receives refuse to run until the whole message has been taken."""
+        cdef double deadline
+        cdef Py_ssize_t remaining
+        if maxlength is not None and maxlength < 0:
+            raise ValueError("negative maxlength")
+        deadline = _deadline(timeout)
+        self._begin_receive(deadline, True)
+        try:
+            if not self._streaming:
+                self._read_header(deadline)
+                self._check_plain(maxlength)
+                self._streaming = True
+            remaining = <Py_ssize_t>self._length - self._delivered
+            if remaining == 0:
+                self._reset_recv_state()  # an empty message is taken at once
+            return remaining
+        finally:
+            self._unlock(False)
+
+    def recv_chunk_into(self, buffer, *, timeout=None):
+        """Copy the next bytes of the message being streamed into ``buffer``
+        (at most its size; at least one byte, waiting up to ``timeout``) and
+        return how many. Once the last byte is taken the message is done."""
+        cdef Py_buffer view
+        cdef double deadline
+        cdef Py_ssize_t want, got, length
+        PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE)
+        try:
+            deadline = _deadline(timeout)
+            self._begin_receive(deadline, True)
+            try:
+                if not self._streaming:
+                    raise ValueError("no message is being streamed; call recv_begin() first")
+                length = <Py_ssize_t>self._length
+                want = length - self._delivered
+                if want > view.len:
+                    want = view.len
+                if want == 0:
+                    if length == self._delivered:
+                        self._reset_recv_state()
+                    return 0
+                if self._partial is not None and self._delivered < self._have:
+                    got = self._have - self._delivered
+                    if got > want:
+                        got = want
+                    memcpy(view.buf, PyBytes_AS_STRING(self._partial) + self._delivered, got)
+                else:
+                    self._partial = None
+                    got = self._read_some(<char *>view.buf, want, deadline)
+                    if got == 0:
+                        self._fail(TruncatedMessageError,
+                                   "end of file inside a message of %d bytes" % length)
+                    self._have += got
+                self._delivered += got
+                if self._delivered == length:
+                    self._reset_recv_state()
+                return got
+            finally:
+                self._unlock(False)
+        finally:
+            PyBuffer_Release(&view)
 
     def poll(self, timeout=0.0):
         """True when a receive can make progress now. Never reads."""
