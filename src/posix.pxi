@@ -73,6 +73,20 @@ cdef extern from *:
     #else
     #define BIGIPC_SO_NOSIGPIPE 0
     #endif
+    #include <sys/mman.h>
+    /* Large receive buffers ask for transparent huge pages where the kernel
+       offers them on request (Linux); elsewhere this is a no-op. */
+    static void bigipc_advise_huge(char *start, Py_ssize_t size) {
+    #if defined(MADV_HUGEPAGE)
+        const uintptr_t huge = (uintptr_t)2 << 20;
+        uintptr_t first = ((uintptr_t)start + huge - 1) & ~(huge - 1);
+        uintptr_t last = ((uintptr_t)start + (uintptr_t)size) & ~(huge - 1);
+        if (last > first)
+            (void)madvise((void *)first, last - first, MADV_HUGEPAGE);
+    #else
+        (void)start; (void)size;
+    #endif
+    }
     #include <limits.h>
     #include <errno.h>
     #ifndef IOV_MAX
@@ -80,6 +94,7 @@ cdef extern from *:
     #endif
     """
     int MSG_NOSIGNAL
+    void bigipc_advise_huge(char *start, Py_ssize_t size) nogil
     int BIGIPC_SO_NOSIGPIPE
     int SOL_SOCKET
     int setsockopt(int fd, int level, int name, const void *value, unsigned int length)

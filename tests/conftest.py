@@ -88,7 +88,8 @@ class ChannelFactory:
         if pipe_size is not None:
             import fcntl
 
-            fcntl.fcntl(wfd, fcntl.F_SETPIPE_SZ, pipe_size)
+            # fcntl has the name F_SETPIPE_SZ from Python 3.10 on (Linux ABI value).
+            fcntl.fcntl(wfd, getattr(fcntl, "F_SETPIPE_SZ", 1031), pipe_size)
         reader = self.channel(rfd, True, False, **kwargs)
         writer = self.channel(wfd, False, True, **kwargs)
         return reader, writer
