@@ -154,7 +154,9 @@ class Channel:
         are as ``recv_message`` returns them. Reads ahead only within the
         batch: a message cut by its end stays held like an interrupted
         receive, and no complete message is ever held back, so ``poll()``,
-        ``wait()`` and selectors stay truthful. ``ValueError`` below 16."""
+        ``wait()`` and selectors stay truthful. ``ValueError`` below 16;
+        values above 1 MiB read 1 MiB. Messages completed before a framing
+        error are returned; the next receive raises the error."""
     def recv_begin(self, maxlength: Optional[int] = None, *, timeout: Optional[float] = None) -> int:
         """Start streaming the next plain message; return how many of its
         bytes are still to be taken (all of them unless an earlier stream of

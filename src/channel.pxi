@@ -31,6 +31,8 @@ DEF _IOV_BATCH = 64
 # Receive buffers from this size up ask for huge pages: filling a fresh
 # 256 MiB buffer otherwise costs 65536 page faults.
 DEF _HUGE_PAGE_THRESHOLD = 4 << 20
+# Most bytes recv_many reads in one system call.
+DEF _MAX_BATCH_READ = 1 << 20
 
 
 cdef inline void _pack_u32(uint8_t *out, uint32_t value) noexcept nogil:
@@ -918,6 +920,10 @@ cdef class Channel:
         cdef int err = 0
         if max_bytes < 16:
             raise ValueError("max_bytes must be at least 16")
+        if max_bytes > _MAX_BATCH_READ:
+            # Larger batches gain nothing (the pipe holds less), and the
+            # scratch buffer is allocated on every call.
+            max_bytes = _MAX_BATCH_READ
         deadline = _deadline(timeout)
         self._begin_receive(deadline)
         scratch = <char *>PyMem_Malloc(max_bytes)
@@ -939,11 +945,18 @@ cdef class Channel:
                 if rc > 0:
                     try:
                         self._feed(scratch, rc, out)
-                    except BaseException:
+                    except BaseException as exc:
+                        if self._recv_failure is None:
+                            # Out of memory half way through bytes already
+                            # taken from the descriptor: the rest of them are
+                            # gone, so the stream cannot be trusted any more.
+                            self._recv_failure = (
+                                FrameError, "receive side lost bytes of the stream: %r" % (exc,))
+                            self._reset_recv_state()
                         if out:
-                            # The bytes are consumed; losing complete messages
-                            # silently is not an option.
-                            self._fail(FrameError, "receive side failed holding complete messages")
+                            # The messages completed before the failure are
+                            # delivered; the next receive reports the error.
+                            return out
                         raise
                 elif rc == 0:
                     if self._header_have == 0:
