@@ -2,10 +2,15 @@
 
 A bigipc ``Connection`` frames messages exactly as
 ``multiprocessing.connection.Connection`` does on POSIX, so either kind can
-sit at either end of one pipe or socket. On top of the stdlib's API every
+sit at either end of one pipe or socket. One exception: ``send()`` of an
+object holding a large buffer (a numpy array, say) uses a multipart message
+that only bigipc reads; set ``out_of_band_threshold = None`` on a connection
+whose peer is a stdlib one (``Connection.adopt`` does so). On top of the stdlib's API every
 send and receive takes ``timeout=`` (keyword only): ``None`` blocks, a
 number is the deadline for the whole call in seconds, ``0`` never blocks.
 """
+
+from __future__ import annotations
 
 import io
 import os
@@ -14,6 +19,7 @@ import socket
 import time
 from multiprocessing import connection as _mp_connection
 from multiprocessing import reduction as _reduction
+from typing import Any, Callable, NoReturn, Protocol, SupportsIndex, TypeVar
 
 from bigipc import _platform
 from bigipc._backend import Channel
@@ -29,20 +35,28 @@ _PROTOCOL = 5
 # than the extra bookkeeping of a multipart message.
 OUT_OF_BAND_THRESHOLD = 64 * 1024
 
+_ConnectionT = TypeVar("_ConnectionT", bound="Connection")
 
-def _dumps(obj, threshold):
+
+class _Writable(Protocol):
+    """What ``recv_bytes_to`` writes into: a binary file, a BytesIO, ..."""
+
+    def write(self, data: memoryview, /) -> object: ...
+
+
+def _dumps(obj: Any, threshold: int | None) -> tuple[memoryview, list[memoryview]]:
     """Pickle ``obj``; return (pickle data, out-of-band buffers)."""
-    buffers = []
+    buffers: list[memoryview] = []
+    callback: Callable[[pickle.PickleBuffer], bool] | None
     if threshold is None:
         callback = None
     else:
-        if type(obj) is bytes or type(obj) is bytearray:
-            # Pickled as a PickleBuffer, a top-level bytes or bytearray goes
-            # out of band too and unpickles as the very object received.
-            if len(obj) >= threshold:
-                obj = pickle.PickleBuffer(obj)
+        # Pickled as a PickleBuffer, a top-level bytes or bytearray goes out
+        # of band too and unpickles as the very object received.
+        if (type(obj) is bytes or type(obj) is bytearray) and len(obj) >= threshold:
+            obj = pickle.PickleBuffer(obj)
 
-        def callback(buffer):
+        def callback(buffer: pickle.PickleBuffer) -> bool:
             view = buffer.raw()
             if view.nbytes < threshold:
                 return True  # in band
@@ -54,6 +68,7 @@ def _dumps(obj, threshold):
     # (file, protocol, fix_imports, buffer_callback).
     _ForkingPickler(out, _PROTOCOL, True, callback).dump(obj)
     return out.getbuffer(), buffers
+
 
 # bigipc never reads ahead of the message it returns, so the readiness of
 # the descriptor is the whole truth and multiprocessing's wait() serves as
@@ -78,11 +93,20 @@ class Connection(Channel):
     threads each get whole messages.
     """
 
-    def __init__(self, handle, readable=True, writable=True, *, max_message_size=None):
+    def __init__(
+        self,
+        handle: SupportsIndex,
+        readable: bool = True,
+        writable: bool = True,
+        *,
+        max_message_size: int | None = None,
+    ) -> None:
         super().__init__(handle.__index__(), readable, writable, max_message_size=max_message_size)
 
     @classmethod
-    def adopt(cls, conn, *, max_message_size=None):
+    def adopt(
+        cls: type[_ConnectionT], conn: _mp_connection.Connection, *, max_message_size: int | None = None
+    ) -> _ConnectionT:
         """Take over a ``multiprocessing.connection.Connection`` in place.
 
         The returned bigipc Connection uses the same file descriptor (same
@@ -91,21 +115,26 @@ class Connection(Channel):
         has sent and nobody has read yet is received by the new object.
         """
         if not isinstance(conn, _mp_connection.Connection):
-            raise TypeError("adopt() takes a multiprocessing.connection.Connection, not %s" % type(conn).__name__)
+            raise TypeError(
+                "adopt() takes a multiprocessing.connection.Connection, not %s" % type(conn).__name__
+            )
         fd = conn.fileno()  # raises OSError("handle is closed") when it is
         adopted = cls(fd, conn.readable, conn.writable, max_message_size=max_message_size)
+        # The peer of an adopted connection is most likely a stdlib one,
+        # which cannot read multipart messages.
+        adopted.out_of_band_threshold = None
         # Detach the stdlib object from the fd: with _handle gone its close()
         # and __del__ leave the descriptor alone.
-        conn._handle = None
+        conn._handle = None  # type: ignore[attr-defined]  # private, not in typeshed
         return adopted
 
-    def __enter__(self):
+    def __enter__(self: _ConnectionT) -> _ConnectionT:
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         if self.closed:
             return "<bigipc.Connection closed>"
         return "<bigipc.Connection fd=%d%s%s>" % (
@@ -114,7 +143,14 @@ class Connection(Channel):
             " writable" if self.writable else "",
         )
 
-    def recv_bytes_to(self, file, *, chunk_size=1 << 20, maxlength=None, timeout=None):
+    def recv_bytes_to(
+        self,
+        file: _Writable,
+        *,
+        chunk_size: int = 1 << 20,
+        maxlength: int | None = None,
+        timeout: float | None = None,
+    ) -> int:
         """Stream the next message into ``file`` (anything with ``write()``:
         an open binary file, a BytesIO, a socket's makefile) one chunk at a
         time, so it may be larger than free memory. Return the number of bytes
@@ -142,33 +178,32 @@ class Connection(Channel):
     #: band: written from the object's memory and read straight into the
     #: receiver's. Such a message is multipart, which only bigipc reads; set
     #: ``None`` on a connection whose peer is a stdlib Connection.
-    out_of_band_threshold = OUT_OF_BAND_THRESHOLD
+    out_of_band_threshold: int | None = OUT_OF_BAND_THRESHOLD
 
-    def send(self, obj, *, timeout=None):
+    def send(self, obj: Any, *, timeout: float | None = None) -> None:
         """Send a picklable object, pickled here in the caller (protocol 5);
         large buffers go out of band (see ``out_of_band_threshold``)."""
         data, buffers = _dumps(obj, self.out_of_band_threshold)
         if buffers:
-            buffers.insert(0, data)
-            self.send_multipart(buffers, timeout=timeout)
+            self.send_multipart([data, *buffers], timeout=timeout)
         else:
             self.send_bytes(data, timeout=timeout)
 
-    def recv(self, *, timeout=None):
+    def recv(self, *, timeout: float | None = None) -> Any:
         """Receive an object sent with ``send()`` (by bigipc or the stdlib)."""
         message = self.recv_message(timeout=timeout)
         if type(message) is list:
             return _loads(message[0], buffers=message[1:])
         return _loads(message)
 
-    def __reduce_ex__(self, protocol):
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
         raise TypeError(
             "a bigipc Connection can only be pickled by multiprocessing: as a Process "
             "argument or sent over another Connection"
         )
 
 
-def _reduce_connection(conn):
+def _reduce_connection(conn: Connection) -> tuple[Callable[..., Connection], tuple[Any, ...]]:
     # Same hand-over as the stdlib's: DupFd passes the descriptor to a child
     # being started (spawn, forkserver) or through the resource sharer to a
     # running process.
@@ -176,14 +211,18 @@ def _reduce_connection(conn):
     return _rebuild_connection, (handle, conn.readable, conn.writable, conn.max_message_size)
 
 
-def _rebuild_connection(handle, readable, writable, max_message_size):
+def _rebuild_connection(
+    handle: Any, readable: bool, writable: bool, max_message_size: int | None
+) -> Connection:
     return Connection(handle.detach(), readable, writable, max_message_size=max_message_size)
 
 
 _reduction.register(Connection, _reduce_connection)
 
 
-def Pipe(duplex=True, *, buffer_size=None, max_message_size=None):
+def Pipe(
+    duplex: bool = True, *, buffer_size: int | None = None, max_message_size: int | None = None
+) -> tuple[Connection, Connection]:
     """Return a pair ``(conn1, conn2)`` of connected ``Connection`` objects.
 
     ``duplex=True`` gives a socket pair (both ends send and receive);

@@ -4,10 +4,10 @@ from multiprocessing import BufferTooShort
 from bigipc._errors import FrameError, MessageTooLong, MultipartMessageError, TruncatedMessageError
 
 cdef enum:
-    _LONG_HEADER = -1              # 4-byte header value: an 8-byte length follows
-    _MULTIPART_HEADER = -2         # 4-byte header value: a multipart message follows
-    _MAX_SHORT_LENGTH = 0x7FFFFFFF # largest payload with a 4-byte header
-    _MAX_PARTS = 1 << 16           # most parts one multipart message may have
+    _LONG_HEADER = -1               # 4-byte header value: an 8-byte length follows
+    _MULTIPART_HEADER = -2          # 4-byte header value: a multipart message follows
+    _MAX_SHORT_LENGTH = 0x7FFFFFFF  # largest payload with a 4-byte header
+    _MAX_PARTS = 1 << 16            # most parts one multipart message may have
     _KIND_UNKNOWN = 0
     _KIND_PLAIN = 1
     _KIND_MULTIPART = 2
@@ -81,6 +81,7 @@ cdef class Channel:
     cdef bint _writable
     cdef bint _is_socket
     cdef int _saved_flags            # flags before O_NONBLOCK, -1 if untouched
+    cdef pid_t _flags_pid            # the process that set O_NONBLOCK
     cdef uint64_t _max_message_size  # 0 with _limit_size false: no limit
     cdef bint _limit_size
     cdef PyThread_type_lock _send_lock
@@ -160,6 +161,7 @@ cdef class Channel:
                 if fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0:
                     PyErr_SetFromErrno(OSError)
                 self._saved_flags = flags
+                self._flags_pid = getpid()
         self._readable = readable
         self._writable = writable
         self._pending = []
@@ -241,9 +243,12 @@ cdef class Channel:
         cdef int fd = self._fd
         if fd < 0:
             raise _closed_error()
-        if self._saved_flags >= 0:
+        if self._saved_flags >= 0 and self._flags_pid == getpid():
+            # Only the process that made the description non-blocking undoes
+            # it: a forked child detaching its copy must not turn the
+            # parent's reads into blocking ones behind its back.
             fcntl(fd, F_SETFL, self._saved_flags)
-            self._saved_flags = -1
+        self._saved_flags = -1
         self._fd = -1
         self._pending = []
         return fd
