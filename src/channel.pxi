@@ -355,6 +355,12 @@ cdef class Channel:
                         iov[i].iov_base = <char *>iov[i].iov_base + rc
                         iov[i].iov_len -= rc
                         rc = 0
+                while i < count and iov[i].iov_len == 0:
+                    i += 1
+                if i < count:
+                    # Only while bytes remain: a send that is complete must
+                    # never report a timeout (the caller would send again).
+                    _checkpoint(deadline, "sending")
                 continue
             if rc == 0 or err == EAGAIN or err == EWOULDBLOCK:
                 if not _wait_fd(self._fd, POLLOUT, deadline):
@@ -784,16 +790,20 @@ cdef class Channel:
         objects and return it: bytes, or a list of parts."""
         cdef Py_ssize_t got, want
         cdef char *slot
+        cdef bint progressed = False
         self._allocate_payload()
         while True:
             slot = self._payload_slot(&want)
             if want == 0:
                 return self._take_message()
+            if progressed:
+                _checkpoint(deadline, "receiving")
             got = self._read_some(slot, want, deadline)
             if got == 0:
                 self._fail(TruncatedMessageError,
                            "end of file inside a message of %d bytes" % self._length)
             self._have += got
+            progressed = True
 
     def recv_bytes(self, maxlength=None, *, timeout=None):
         """Receive one plain message as bytes."""
@@ -830,7 +840,7 @@ cdef class Channel:
         """Receive one plain message into ``buffer`` at byte ``offset``."""
         cdef Py_buffer view
         cdef double deadline
-        cdef Py_ssize_t length, have = 0, got
+        cdef Py_ssize_t length, have = 0, got = 0
         cdef char *target
         PyObject_GetBuffer(buffer, &view, PyBUF_WRITABLE)
         try:
@@ -852,6 +862,8 @@ cdef class Channel:
                     memcpy(target, PyBytes_AS_STRING(self._partial), have)
                 try:
                     while have < length:
+                        if got:
+                            _checkpoint(deadline, "receiving")
                         got = self._read_some(target + have, length - have, deadline)
                         if got == 0:
                             self._fail(TruncatedMessageError,

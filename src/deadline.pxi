@@ -21,6 +21,20 @@ cdef int _run_signal_handlers() except -1:
     return PyErr_CheckSignals()
 
 
+cdef int _checkpoint(double deadline, str what) except -1:
+    """Between two pieces of a long transfer that keeps making progress:
+    run pending signal handlers and honour the deadline, so neither waits
+    for the end of a multi-gigabyte message. Costs a flag test and a vDSO
+    clock read."""
+    if PyErr_CheckSignals() < 0:
+        return -1
+    # A zero deadline means "do not wait", not "stop after one piece": such a
+    # call goes on for as long as the kernel has bytes for it without waiting.
+    if deadline != INFINITY and deadline != 0.0 and _monotonic() >= deadline:
+        raise TimeoutError("timed out %s a message" % what)
+    return 0
+
+
 cdef double _deadline(object timeout) except? -1.0:
     """None blocks forever; zero or a negative number means "do not block"."""
     cdef double seconds
