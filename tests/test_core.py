@@ -1527,8 +1527,10 @@ def test_recv_timeout_expires(pair):
 
 def test_recv_timeout_none_blocks_until_data(pair):
     receiver, sender = pair
-    worker = delayed(0.2, sender.send_bytes, b"late", timeout=LONG, on_error=sender.close)
+    # The clock starts before the sender's timer: under load, starting the
+    # thread may take a while, which must not count as the receive's wait.
     t0 = time.monotonic()
+    worker = delayed(0.2, sender.send_bytes, b"late", timeout=LONG, on_error=sender.close)
     assert receiver.recv_bytes(timeout=None) == b"late"
     assert time.monotonic() - t0 >= 0.15
     worker.finish()
