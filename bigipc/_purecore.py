@@ -41,6 +41,7 @@ import stat
 import struct
 import sys
 import threading
+import weakref
 import time
 from bisect import bisect_right
 from collections import deque
@@ -452,6 +453,22 @@ def _borrow_socket(fd: int) -> _BorrowedSocket:
     return sock
 
 
+# Every live Channel, so that a forked child can replace their locks: a lock
+# held by another thread at fork() time would stay held in the child, where
+# that thread does not exist.
+_live_channels: "weakref.WeakSet[Channel]" = weakref.WeakSet()
+
+
+def _renew_locks_after_fork() -> None:
+    for channel in list(_live_channels):
+        channel._send_lock = threading.Lock()
+        channel._recv_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renew_locks_after_fork)
+
+
 class Channel:
     """One end of a framed byte stream; owns its file descriptor.
 
@@ -492,9 +509,12 @@ class Channel:
         self._writable = bool(writable)
         self._sock = sock
         self._made_nonblocking = made_nonblocking
+        # Only this process undoes O_NONBLOCK (see detach()).
+        self._flags_pid = os.getpid()
         self._max_message_size = limit
         self._send_lock = threading.Lock()
         self._recv_lock = threading.Lock()
+        _live_channels.add(self)
         # The message being sent or the unsent rest of one, if any.
         self._outgoing: _Outgoing | None = None
         # The message being received, and once the stream can no longer be
@@ -582,7 +602,10 @@ class Channel:
         """Give up ownership without closing: restore the descriptor's flags
         and return it. The channel is closed afterwards."""
         fd = self.fileno()
-        if self._made_nonblocking:
+        if self._made_nonblocking and self._flags_pid == os.getpid():
+            # A forked child detaching its inherited copy must not make the
+            # parent's reads blocking behind its back: the flag lives on the
+            # shared open file description.
             flags = fcntl.fcntl(fd, fcntl.F_GETFL)
             fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
         self._give_up_fd()
