@@ -23,6 +23,25 @@ def _flag(name):
 DEBUG = _flag("BIGIPC_DEBUG")
 SANITIZE = _flag("BIGIPC_SANITIZE")
 
+# The kind of build. A build of another kind in the same tree must not reuse
+# what the last one left in build/: cythonize keeps a generated .c that is
+# newer than the .pyx, and setuptools skips an extension whose .so is newer
+# than its sources, so a plain build after a sanitizer build would ship the
+# ASan-linked core (which then fails to import). A changed kind forces both.
+BUILD_KIND = "debug=%d sanitize=%d" % (DEBUG, SANITIZE)
+_BUILD_KIND_STAMP = os.path.join("build", "bigipc-build-kind.txt")
+
+
+def _build_kind_changed():
+    try:
+        with open(_BUILD_KIND_STAMP) as f:
+            return f.read() != BUILD_KIND
+    except OSError:
+        return True
+
+
+BUILD_KIND_CHANGED = _build_kind_changed()
+
 # Compiler directives live here and nowhere else.
 DIRECTIVES = {
     "language_level": 3,
@@ -41,10 +60,16 @@ class OptionalBuildExt(build_ext):
     """Let the install succeed without a working compiler."""
 
     def run(self):
+        if BUILD_KIND_CHANGED:
+            self.force = True
         try:
             super().run()
         except Exception as exc:  # no compiler, no headers, ...
             self._skip(exc)
+            return
+        os.makedirs(os.path.dirname(_BUILD_KIND_STAMP), exist_ok=True)
+        with open(_BUILD_KIND_STAMP, "w") as f:
+            f.write(BUILD_KIND)
 
     def build_extension(self, ext):
         try:
@@ -81,7 +106,7 @@ def extensions():
         cflags += ["-O2"]
     if SANITIZE:
         san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
-        cflags += san + ["-g", "-O1"]
+        cflags += [*san, "-g", "-O1"]
         ldflags += san
     ext = Extension(
         "bigipc._core",
@@ -96,7 +121,7 @@ def extensions():
         compiler_directives=DIRECTIVES,
         annotate=DEBUG,
         build_dir="build/cython",
-        force=DEBUG or SANITIZE,
+        force=DEBUG or SANITIZE or BUILD_KIND_CHANGED,
     )
 
 

@@ -18,7 +18,7 @@ import pytest
 
 pytest.importorskip("pytest_benchmark", reason="the benchmarks need pytest-benchmark: pip install '.[bench]'")
 
-from bigipc import _bench  # noqa: E402
+from bigipc import _bench
 
 ROUNDS = 3
 

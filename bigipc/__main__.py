@@ -9,6 +9,8 @@ Exit status: 0 when every check passed and every message arrived intact,
 1 otherwise, 2 for a usage error.
 """
 
+from __future__ import annotations
+
 import argparse
 import importlib.machinery
 import os
@@ -24,11 +26,11 @@ _RERUN_CODE = (
 )
 
 
-def _names(text):
+def _names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
-def _parser():
+def _parser() -> argparse.ArgumentParser:
     from bigipc import _bench
 
     parser = argparse.ArgumentParser(
@@ -91,7 +93,7 @@ def _parser():
     return parser
 
 
-def _bench(args):
+def _bench(args: argparse.Namespace) -> int:
     from bigipc import _bench
 
     quick = bool(args.quick)
@@ -159,8 +161,10 @@ def _bench(args):
         print("chart not drawn: %s" % problem if problem else "wrote %s" % args.png)
     if failures:
         print()
-        print("FAILED: %d measurement(s) went wrong; a message arrived different from what was sent or a "
-              "process failed:" % len(failures))
+        print(
+            "FAILED: %d measurement(s) went wrong; a message arrived different from what was sent or a "
+            "process failed:" % len(failures)
+        )
         for failure in failures:
             print("  - %s" % failure)
         return 1
@@ -168,13 +172,13 @@ def _bench(args):
     return 0
 
 
-def _selfcheck():
+def _selfcheck() -> int:
     from bigipc._selfcheck import run_selfcheck
 
     return 1 if run_selfcheck() else 0
 
 
-def _installed_copy_with_core(shadowed_root):
+def _installed_copy_with_core(shadowed_root: str) -> str | None:
     """The folder of another bigipc on sys.path that has the compiled core."""
     search = [p for p in sys.path if os.path.abspath(p or os.curdir) != shadowed_root]
     spec = importlib.machinery.PathFinder.find_spec("bigipc", search)
@@ -187,7 +191,7 @@ def _installed_copy_with_core(shadowed_root):
     return None
 
 
-def _run_installed_copy_instead(argv):
+def _run_installed_copy_instead(argv: list[str]) -> None:
     """Leave a source checkout for the installed package, when that is meant.
 
     ``python -m bigipc`` puts the current directory first on sys.path, so in
@@ -215,10 +219,10 @@ def _run_installed_copy_instead(argv):
     sys.stderr.flush()
     sys.stdout.flush()
     environment = dict(os.environ, **{_RERUN_MARK: "1"})
-    os.execve(sys.executable, [sys.executable, "-c", _RERUN_CODE] + list(argv), environment)
+    os.execve(sys.executable, [sys.executable, "-c", _RERUN_CODE, *argv], environment)
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
         if __name__ == "__main__":

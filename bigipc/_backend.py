@@ -7,10 +7,17 @@ compiler) the pure core is used with a ``RuntimeWarning``.
 
 import os
 import warnings
+from typing import TYPE_CHECKING
 
-__all__ = ["Channel", "IMPLEMENTATION", "LONG_HEADER", "MAX_PARTS", "MAX_SHORT_LENGTH", "MULTIPART_HEADER"]
+__all__ = ["IMPLEMENTATION", "LONG_HEADER", "MAX_PARTS", "MAX_SHORT_LENGTH", "MULTIPART_HEADER", "Channel"]
 
-if os.environ.get("BIGIPC_PUREPYTHON", "") not in ("", "0"):
+IMPLEMENTATION: str
+
+if TYPE_CHECKING:
+    # Type checkers see the interface both cores implement: the stub
+    # bigipc/_core.pyi.
+    from bigipc._core import LONG_HEADER, MAX_PARTS, MAX_SHORT_LENGTH, MULTIPART_HEADER, Channel
+elif os.environ.get("BIGIPC_PUREPYTHON", "") not in ("", "0"):
     from bigipc._purecore import LONG_HEADER, MAX_PARTS, MAX_SHORT_LENGTH, MULTIPART_HEADER, Channel
 
     IMPLEMENTATION = "python"
@@ -19,8 +26,7 @@ else:
         from bigipc._core import LONG_HEADER, MAX_PARTS, MAX_SHORT_LENGTH, MULTIPART_HEADER, Channel
     except ImportError as exc:
         warnings.warn(
-            "bigipc: the compiled core is not available (%s); using the slower "
-            "pure-Python core" % (exc,),
+            "bigipc: the compiled core is not available (%s); using the slower pure-Python core" % (exc,),
             RuntimeWarning,
             stacklevel=2,
         )

@@ -16,6 +16,9 @@ hands them over), so the code works under the fork, spawn and forkserver
 start methods alike.
 """
 
+from __future__ import annotations
+
+import contextlib
 import json
 import os
 import pickle
@@ -30,6 +33,7 @@ import time
 import traceback
 from multiprocessing import connection as _mp_connection
 from multiprocessing import reduction as _reduction
+from typing import Any, Callable, Protocol, TextIO, TypeVar
 
 __all__ = [
     "CASES",
@@ -64,20 +68,20 @@ class VerificationError(BenchError):
     """A message arrived different from the one sent."""
 
 
-def default_start_method():
+def default_start_method() -> str:
     """fork on Linux (cheap, and what the figures in the docs use); spawn
     elsewhere (macOS: fork is unsafe with system frameworks loaded)."""
     return "fork" if sys.platform.startswith("linux") else "spawn"
 
 
-def max_rss_bytes():
+def max_rss_bytes() -> int:
     """Peak resident set size of this process so far, in bytes."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux and the BSDs report KiB, macOS reports bytes.
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def _module_missing(name):
+def _module_missing(name: str) -> str | None:
     try:
         __import__(name)
     except ImportError as exc:
@@ -117,7 +121,7 @@ _BLOCK = 4093
 _STRIDED_SAMPLES = 4096
 
 
-def _sample_stride(length):
+def _sample_stride(length: int) -> int:
     """Stride of the strided sample: about _STRIDED_SAMPLES positions, and
     never a multiple of _BLOCK, so the sample walks through every phase of
     the repeated block."""
@@ -138,9 +142,18 @@ class Case:
     """
 
     kind = "bytes"
-    requires = ()
+    requires: tuple[str, ...] = ()
 
-    def __init__(self, name, label, size, messages, quick_messages, max_slots=64, producers=1):
+    def __init__(
+        self,
+        name: str,
+        label: str,
+        size: int,
+        messages: int,
+        quick_messages: int,
+        max_slots: int = 64,
+        producers: int = 1,
+    ) -> None:
         self.name = name
         self.label = label
         self.size = size
@@ -149,10 +162,10 @@ class Case:
         self.producers = producers
         self.slots = max(2, min(max_slots, _POOL_BUDGET // max(size, 1)))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "<Case %s>" % self.name
 
-    def unavailable(self):
+    def unavailable(self) -> str | None:
         """Why this case cannot run here, or None."""
         for module in self.requires:
             reason = _module_missing(module)
@@ -160,16 +173,16 @@ class Case:
                 return reason
         return None
 
-    def message_count(self, quick):
+    def message_count(self, quick: bool) -> int:
         count = self.quick_messages if quick else self.messages
         # Every producer sends the same number.
         return max(self.producers, count - count % self.producers)
 
-    def build_message(self, producer, slot):
+    def build_message(self, producer: int, slot: int) -> Any:
         """Message number ``slot`` of the ones producer ``producer`` cycles through."""
         raise NotImplementedError
 
-    def checker(self, full=False):
+    def checker(self, full: bool = False) -> Checker:
         """A fresh ``Checker`` for the consumer; ``full`` compares every byte."""
         raise NotImplementedError
 
@@ -177,14 +190,14 @@ class Case:
 class Checker:
     """Consumer side: identifies each message's slot and checks it in order."""
 
-    def __init__(self, case, full=False):
+    def __init__(self, case: Case, full: bool = False) -> None:
         self.case = case
         self.full = full
         self.received = 0
         self._next = [0] * case.producers
-        self._expected = {}
+        self._expected: dict[int, Any] = {}
 
-    def _expected_message(self, slot_id):
+    def _expected_message(self, slot_id: int) -> Any:
         """The whole message of ``slot_id``, made once (for full checks)."""
         message = self._expected.get(slot_id)
         if message is None:
@@ -192,7 +205,7 @@ class Checker:
             message = self._expected[slot_id] = self.case.build_message(producer, slot)
         return message
 
-    def _in_sequence(self, slot_id):
+    def _in_sequence(self, slot_id: int) -> str | None:
         """Check that ``slot_id`` is what its producer was due to send next."""
         producer, slot = divmod(slot_id, self.case.slots)
         due = self._next[producer]
@@ -206,7 +219,7 @@ class Checker:
             )
         return None
 
-    def check(self, message):
+    def check(self, message: Any) -> str | None:
         """None when ``message`` is the one due, else what is wrong with it."""
         raise NotImplementedError
 
@@ -214,19 +227,21 @@ class Checker:
 class BytesCase(Case):
     """Byte strings of one size, sent with ``send_bytes`` (or ``put``)."""
 
-    def __init__(self, name, label, size, messages, quick_messages, **kwargs):
+    def __init__(
+        self, name: str, label: str, size: int, messages: int, quick_messages: int, **kwargs: Any
+    ) -> None:
         if size < 16:
             raise ValueError("byte messages of at least 16 bytes are needed to tell them apart")
         kwargs.setdefault("max_slots", 1024 if size <= _FULL_CHECK_MAX else 64)
         super().__init__(name, label, size, messages, quick_messages, **kwargs)
 
-    def _seed(self, producer, slot):
+    def _seed(self, producer: int, slot: int) -> bytes:
         # Deterministic, so the consumer can replay it: the whole message
         # when it is small, else the block the message repeats.
         rng = random.Random("%s/%d/%d" % (self.name, producer, slot))
         return rng.randbytes(_BLOCK if self.size > _FULL_CHECK_MAX else self.size)
 
-    def build_message(self, producer, slot):
+    def build_message(self, producer: int, slot: int) -> bytes:
         seed = self._seed(producer, slot)
         if self.size <= _FULL_CHECK_MAX:
             return seed
@@ -235,17 +250,17 @@ class BytesCase(Case):
         whole, rest = divmod(self.size, _BLOCK)
         return b"".join([seed] * whole + [seed[:rest]])
 
-    def checker(self, full=False):
+    def checker(self, full: bool = False) -> Checker:
         return _BytesChecker(self, full)
 
 
 class _BytesChecker(Checker):
-    def __init__(self, case, full=False):
+    def __init__(self, case: BytesCase, full: bool = False) -> None:
         super().__init__(case, full)
-        self._slot_of_head = {}
-        self._blocks = []
-        self._tails = []
-        self._strided = []
+        self._slot_of_head: dict[bytes, int] = {}
+        self._blocks: list[bytes] = []
+        self._tails: list[bytes] = []
+        self._strided: list[bytes] = []
         size = case.size
         self._stride = stride = _sample_stride(size)
         # The sample at offset o is message[o::stride], whose k-th byte is
@@ -275,7 +290,7 @@ class _BytesChecker(Checker):
                     self._strided.append(walk * repeats)
                 self._tails.append(tail)
 
-    def check(self, message):
+    def check(self, message: Any) -> str | None:
         self.received += 1
         size = self.case.size
         if size <= _FULL_CHECK_MAX and len(self._next) == 1:
@@ -326,31 +341,35 @@ class NumpyCase(Case):
     kind = "object"
     requires = ("numpy",)
 
-    def __init__(self, name, label, size, messages, quick_messages, **kwargs):
+    def __init__(
+        self, name: str, label: str, size: int, messages: int, quick_messages: int, **kwargs: Any
+    ) -> None:
         super().__init__(name, label, size, messages, quick_messages, **kwargs)
         self.length = size // 8
         if self.length > 1 << 21:
             raise ValueError("arrays up to 2**21 elements keep the tags exact")
 
-    def _tag(self, slot_id):
+    def _tag(self, slot_id: int) -> float:
         # a[j] = tag + j is exact in float64 while tag + j < 2**53; tags are
         # multiples of 2**21 so a[0] names the slot and a[j] - a[0] == j.
         return float((slot_id + 1) << 21)
 
-    def build_message(self, producer, slot):
+    def build_message(self, producer: int, slot: int) -> Any:
         import numpy
 
         return numpy.arange(self.length, dtype=numpy.float64) + self._tag(producer * self.slots + slot)
 
-    def checker(self, full=False):
+    def checker(self, full: bool = False) -> Checker:
         return _NumpyChecker(self, full)
 
 
 class _NumpyChecker(Checker):
+    case: NumpyCase
+
     # Elements compared as one window per array (besides single elements).
     _WINDOW = 512
 
-    def __init__(self, case, full=False):
+    def __init__(self, case: NumpyCase, full: bool = False) -> None:
         super().__init__(case, full)
         import numpy
 
@@ -360,7 +379,7 @@ class _NumpyChecker(Checker):
         total = case.producers * case.slots
         self._slot_of_tag = {case._tag(slot_id): slot_id for slot_id in range(total)}
 
-    def check(self, message):
+    def check(self, message: Any) -> str | None:
         self.received += 1
         length = self.case.length
         if not isinstance(message, self._ndarray):
@@ -398,15 +417,17 @@ class DictCase(Case):
 
     kind = "object"
 
-    def __init__(self, name, label, entries, messages, quick_messages, **kwargs):
+    def __init__(
+        self, name: str, label: str, entries: int, messages: int, quick_messages: int, **kwargs: Any
+    ) -> None:
         self.entries = entries
         kwargs.setdefault("max_slots", 64)
         super().__init__(name, label, 1, messages, quick_messages, **kwargs)
         # MB/s counts the pickled size (protocol 5, as bigipc sends it).
         self.size = len(pickle.dumps(self._make(0), protocol=5))
 
-    def _make(self, slot_id):
-        value = {"id": slot_id}
+    def _make(self, slot_id: int) -> dict[str, Any]:
+        value: dict[str, Any] = {"id": slot_id}
         for j in range(1, self.entries):
             if j % 3 == 0:
                 value["key%03d" % j] = j * 1000 + slot_id
@@ -416,38 +437,38 @@ class DictCase(Case):
                 value["key%03d" % j] = "value-%d-%d" % (j, slot_id)
         return value
 
-    def build_message(self, producer, slot):
+    def build_message(self, producer: int, slot: int) -> dict[str, Any]:
         return self._make(producer * self.slots + slot)
 
-    def checker(self, full=False):
+    def checker(self, full: bool = False) -> Checker:
         # Always compared whole: a dict is small.
         return _DictChecker(self, full)
 
 
 class _DictChecker(Checker):
-    def __init__(self, case, full=False):
+    def __init__(self, case: DictCase, full: bool = False) -> None:
         super().__init__(case, full)
-        self._expected = [case._make(slot_id) for slot_id in range(case.producers * case.slots)]
+        self._dicts = [case._make(slot_id) for slot_id in range(case.producers * case.slots)]
 
-    def check(self, message):
+    def check(self, message: Any) -> str | None:
         self.received += 1
         if not isinstance(message, dict):
             return "got %s, expected a dict" % type(message).__name__
         slot_id = message.get("id")
-        if not isinstance(slot_id, int) or not 0 <= slot_id < len(self._expected):
+        if not isinstance(slot_id, int) or not 0 <= slot_id < len(self._dicts):
             return "its 'id' is %r: matches no dict that was sent" % (slot_id,)
         problem = self._in_sequence(slot_id)
         if problem:
             return problem
-        if message != self._expected[slot_id]:
+        if message != self._dicts[slot_id]:
             return "content differs from what was sent"
         return None
 
 
-CASES = {}
+CASES: dict[str, Case] = {}
 
 
-def register_case(case):
+def register_case(case: Case) -> Case:
     """Add ``case`` to the registry (by ``case.name``); returns it."""
     CASES[case.name] = case
     return case
@@ -480,19 +501,19 @@ class _FdEnd:
     connections.
     """
 
-    def __init__(self, fd):
+    def __init__(self, fd: int) -> None:
         self.fd = fd
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Callable[[Any], _FdEnd], tuple[Any]]:
         return _rebuild_fd_end, (_reduction.DupFd(self.fd),)
 
-    def close(self):
+    def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
 
-def _rebuild_fd_end(dup):
+def _rebuild_fd_end(dup: Any) -> _FdEnd:
     return _FdEnd(dup.detach())
 
 
@@ -504,18 +525,24 @@ class Link:
     ``cleanup()`` removes anything left (temporary files) at the end.
     """
 
-    def __init__(self, producer_end, consumer_end, release=None, cleanup=None):
+    def __init__(
+        self,
+        producer_end: Any,
+        consumer_end: Any,
+        release: Callable[[], None] | None = None,
+        cleanup: Callable[[], None] | None = None,
+    ) -> None:
         self.producer_end = producer_end
         self.consumer_end = consumer_end
         self._release = release
         self._cleanup = cleanup
 
-    def release(self):
+    def release(self) -> None:
         if self._release is not None:
             release, self._release = self._release, None
             release()
 
-    def cleanup(self):
+    def cleanup(self) -> None:
         self.release()
         if self._cleanup is not None:
             cleanup, self._cleanup = self._cleanup, None
@@ -529,19 +556,29 @@ class Endpoint:
     part: a sender that batches messages writes out what it holds there.
     """
 
-    def __init__(self, send=None, recv=None, close=None, flush=None):
+    # The callables themselves, not wrapped: they run once per message.
+    send: Callable[[Any], object]
+    recv: Callable[[], Any]
+
+    def __init__(
+        self,
+        send: Callable[[Any], object] | None = None,
+        recv: Callable[[], Any] | None = None,
+        close: Callable[[], object] | None = None,
+        flush: Callable[[], object] | None = None,
+    ) -> None:
         if send is not None:
             self.send = send
         if recv is not None:
             self.recv = recv
-        if flush is not None:
-            self.flush = flush
+        self._flush = flush
         self._close = close
 
-    def flush(self):
-        pass
+    def flush(self) -> None:
+        if self._flush is not None:
+            self._flush()
 
-    def close(self):
+    def close(self) -> None:
         if self._close is not None:
             self._close()
 
@@ -559,13 +596,13 @@ class Transport:
     short = ""  # for the ratio column; the label when empty
     family = ""  # "bigipc", "stdlib", "third-party" or "floor"
     multi_producer = False
-    compare_to = ()
-    module = None
+    compare_to: tuple[str, ...] = ()
+    module: str | None = None
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "<Transport %s>" % self.name
 
-    def unavailable(self):
+    def unavailable(self) -> str | None:
         """Why this transport cannot run here, or None."""
         if self.module:
             reason = _module_missing(self.module)
@@ -573,24 +610,32 @@ class Transport:
                 return reason
         return None
 
-    def supports(self, case):
+    def supports(self, case: Case) -> bool:
         return case.producers == 1 or self.multi_producer
 
-    def open(self, case, context):
+    def open(self, case: Case, context: Any) -> Link:
         """Make a link in the parent (``context``: the multiprocessing context)."""
         raise NotImplementedError
 
-    def sender(self, end, case):
+    def sender(self, end: Any, case: Case) -> Endpoint:
         raise NotImplementedError
 
-    def receiver(self, end, case):
+    def receiver(self, end: Any, case: Case) -> Endpoint:
         raise NotImplementedError
 
 
 class _PipeTransport(Transport):
     """``Pipe()`` of bigipc or multiprocessing; the same code drives both."""
 
-    def __init__(self, name, label, family, duplex, compare_to=(), short=""):
+    def __init__(
+        self,
+        name: str,
+        label: str,
+        family: str,
+        duplex: bool,
+        compare_to: tuple[str, ...] = (),
+        short: str = "",
+    ) -> None:
         self.name = name
         self.label = label
         self.short = short
@@ -598,7 +643,7 @@ class _PipeTransport(Transport):
         self.duplex = duplex
         self.compare_to = compare_to
 
-    def _pipe_factory(self):
+    def _pipe_factory(self) -> Callable[[bool], tuple[Any, Any]]:
         if self.family == "bigipc":
             import bigipc
 
@@ -607,24 +652,24 @@ class _PipeTransport(Transport):
 
         return multiprocessing.Pipe
 
-    def open(self, case, context):
+    def open(self, case: Case, context: Any) -> Link:
         first, second = self._pipe_factory()(self.duplex)
         if self.duplex:
             producer, consumer = first, second
         else:
             consumer, producer = first, second  # Pipe(False) is (reader, writer)
 
-        def release():
+        def release() -> None:
             producer.close()
             consumer.close()
 
         return Link(producer, consumer, release)
 
-    def sender(self, end, case):
+    def sender(self, end: Any, case: Case) -> Endpoint:
         send = end.send_bytes if case.kind == "bytes" else end.send
         return Endpoint(send=send, close=end.close)
 
-    def receiver(self, end, case):
+    def receiver(self, end: Any, case: Case) -> Endpoint:
         recv = end.recv_bytes if case.kind == "bytes" else end.recv
         return Endpoint(recv=recv, close=end.close)
 
@@ -636,7 +681,7 @@ class _BigipcBatchTransport(_PipeTransport):
     _BATCH_MESSAGES = 256
     _BATCH_BYTES = 256 * 1024
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__(
             "bigipc-batch",
             "bigipc send_many/recv_many",
@@ -645,41 +690,41 @@ class _BigipcBatchTransport(_PipeTransport):
             ("mp-simplex", "raw-pipe"),
         )
 
-    def unavailable(self):
+    def unavailable(self) -> str | None:
         import bigipc
 
         if not hasattr(bigipc.Connection, "send_many"):
             return "this bigipc has no batch API (send_many/recv_many)"
         return None
 
-    def supports(self, case):
+    def supports(self, case: Case) -> bool:
         return case.kind == "bytes" and case.size <= 64 * 1024 and case.producers == 1
 
-    def sender(self, end, case):
+    def sender(self, end: Any, case: Case) -> Endpoint:
         batch = []
         limit = max(1, min(self._BATCH_MESSAGES, self._BATCH_BYTES // case.size))
         send_many = end.send_many
 
-        def send(message):
+        def send(message: Any) -> None:
             batch.append(message)
             if len(batch) >= limit:
                 send_many(batch)
                 batch.clear()
 
-        def flush():
+        def flush() -> None:
             if batch:
                 send_many(batch)
                 batch.clear()
 
         return Endpoint(send=send, flush=flush, close=end.close)
 
-    def receiver(self, end, case):
+    def receiver(self, end: Any, case: Case) -> Endpoint:
         from collections import deque
 
-        ready = deque()
+        ready: deque[Any] = deque()
         recv_many, max_bytes = end.recv_many, self._BATCH_BYTES
 
-        def recv():
+        def recv() -> Any:
             if not ready:
                 ready.extend(recv_many(max_bytes))
             return ready.popleft()
@@ -691,27 +736,27 @@ class _MpQueueTransport(Transport):
     family = "stdlib"
     multi_producer = True
 
-    def __init__(self, name, label, simple):
+    def __init__(self, name: str, label: str, simple: bool) -> None:
         self.name = name
         self.label = label
         self.simple = simple
 
-    def open(self, case, context):
+    def open(self, case: Case, context: Any) -> Link:
         queue = context.SimpleQueue() if self.simple else context.Queue()
         return Link(queue, queue)
 
-    def sender(self, end, case):
+    def sender(self, end: Any, case: Case) -> Endpoint:
         if self.simple:
             return Endpoint(send=end.put, close=end.close)
 
-        def close():
+        def close() -> None:
             # Returns once the feeder thread has written everything.
             end.close()
             end.join_thread()
 
         return Endpoint(send=end.put, close=close)
 
-    def receiver(self, end, case):
+    def receiver(self, end: Any, case: Case) -> Endpoint:
         return Endpoint(recv=end.get, close=end.close)
 
 
@@ -726,7 +771,7 @@ class _FasterFifoTransport(Transport):
     # must not, the runner has its own deadline.
     _FOREVER = 1e7
 
-    def open(self, case, context):
+    def open(self, case: Case, context: Any) -> Link:
         import faster_fifo
 
         # Its circular buffer in shared memory must hold a whole pickled
@@ -735,11 +780,11 @@ class _FasterFifoTransport(Transport):
         queue = faster_fifo.Queue(max_size_bytes=capacity)
         return Link(queue, queue)
 
-    def sender(self, end, case):
+    def sender(self, end: Any, case: Case) -> Endpoint:
         forever = self._FOREVER
         return Endpoint(send=lambda message: end.put(message, timeout=forever))
 
-    def receiver(self, end, case):
+    def receiver(self, end: Any, case: Case) -> Endpoint:
         forever = self._FOREVER
         return Endpoint(recv=lambda: end.get(timeout=forever))
 
@@ -754,12 +799,12 @@ class _ZmqTransport(Transport):
     # zero-copy frame (pyzmq's own advice).
     _ZERO_COPY_MIN = 64 * 1024
 
-    def open(self, case, context):
+    def open(self, case: Case, context: Any) -> Link:
         folder = tempfile.mkdtemp(prefix="bigipc-bench-")
         address = "ipc://" + os.path.join(folder, "link")
         return Link(address, address, cleanup=lambda: shutil.rmtree(folder, ignore_errors=True))
 
-    def sender(self, address, case):
+    def sender(self, address: Any, case: Case) -> Endpoint:
         import zmq
 
         # A context must be made in the process that uses it (not forked).
@@ -767,7 +812,7 @@ class _ZmqTransport(Transport):
         sock = context.socket(zmq.PUSH)
         sock.connect(address)
 
-        def close():
+        def close() -> None:
             sock.close(linger=-1)  # wait until everything is delivered
             context.term()
 
@@ -776,14 +821,14 @@ class _ZmqTransport(Transport):
             return Endpoint(send=lambda message: sock.send(message, copy=copy), close=close)
         return Endpoint(send=lambda obj: sock.send_pyobj(obj, protocol=5), close=close)
 
-    def receiver(self, address, case):
+    def receiver(self, address: Any, case: Case) -> Endpoint:
         import zmq
 
         context = zmq.Context()
         sock = context.socket(zmq.PULL)
         sock.bind(address)
 
-        def close():
+        def close() -> None:
             sock.close(linger=0)
             context.term()
 
@@ -807,26 +852,26 @@ class _RawPipeTransport(Transport):
     short = "raw pipe"
     family = "floor"
 
-    def supports(self, case):
+    def supports(self, case: Case) -> bool:
         return case.kind == "bytes" and case.producers == 1
 
-    def open(self, case, context):
+    def open(self, case: Case, context: Any) -> Link:
         from bigipc import _platform
 
         read_fd, write_fd = os.pipe()
         _platform.set_pipe_size(write_fd, None)  # what bigipc.Pipe(False) asks for
         producer, consumer = _FdEnd(write_fd), _FdEnd(read_fd)
 
-        def release():
+        def release() -> None:
             producer.close()
             consumer.close()
 
         return Link(producer, consumer, release)
 
-    def sender(self, end, case):
+    def sender(self, end: Any, case: Case) -> Endpoint:
         fd, write = end.fd, os.write
 
-        def send(message):
+        def send(message: Any) -> None:
             written = write(fd, message)
             if written < len(message):
                 view = memoryview(message)[written:]
@@ -835,12 +880,12 @@ class _RawPipeTransport(Transport):
 
         return Endpoint(send=send, close=end.close)
 
-    def receiver(self, end, case):
+    def receiver(self, end: Any, case: Case) -> Endpoint:
         fd, size = end.fd, case.size
         if size <= 64 * 1024:
             read = os.read
 
-            def recv():
+            def recv() -> bytes:
                 message = read(fd, size)
                 while len(message) < size:
                     more = read(fd, size - len(message))
@@ -855,7 +900,7 @@ class _RawPipeTransport(Transport):
         view = memoryview(buffer)
         readv = os.readv
 
-        def recv_into_buffer():
+        def recv_into_buffer() -> bytearray:
             have = 0
             while have < size:
                 got = readv(fd, [view[have:]])
@@ -867,10 +912,10 @@ class _RawPipeTransport(Transport):
         return Endpoint(recv=recv_into_buffer, close=end.close)
 
 
-TRANSPORTS = {}
+TRANSPORTS: dict[str, Transport] = {}
 
 
-def register_transport(transport):
+def register_transport(transport: Transport) -> Transport:
     """Add ``transport`` to the registry (by ``transport.name``); returns it."""
     TRANSPORTS[transport.name] = transport
     return transport
@@ -880,9 +925,7 @@ register_transport(
     _PipeTransport("bigipc-duplex", "bigipc.Pipe()", "bigipc", True, ("mp-duplex", "raw-pipe"))
 )
 register_transport(
-    _PipeTransport(
-        "bigipc-simplex", "bigipc.Pipe(duplex=False)", "bigipc", False, ("mp-simplex", "raw-pipe")
-    )
+    _PipeTransport("bigipc-simplex", "bigipc.Pipe(duplex=False)", "bigipc", False, ("mp-simplex", "raw-pipe"))
 )
 register_transport(_BigipcBatchTransport())
 register_transport(_PipeTransport("mp-duplex", "multiprocessing.Pipe()", "stdlib", True, short="mp.Pipe()"))
@@ -903,18 +946,17 @@ register_transport(_RawPipeTransport())
 # it reports "ready", then obeys ("run", n) and ("stop",) commands.
 
 
-def _report_failure(control):
-    try:
+def _report_failure(control: Any) -> None:
+    with contextlib.suppress(Exception):
         control.send(("error", traceback.format_exc()))
-    except Exception:
-        pass
 
 
-def _producer_main(transport, case, end, control, producer):
+def _producer_main(transport: Transport, case: Case, end: Any, control: Any, producer: int) -> None:
     try:
         sender = transport.sender(end, case)
         control.send(("ready", max_rss_bytes()))
-        send, slots, sent, pool = sender.send, case.slots, 0, []
+        send, slots, sent = sender.send, case.slots, 0
+        pool: list[Any] = []
         while True:
             command = control.recv()
             if command[0] == "stop":
@@ -934,10 +976,10 @@ def _producer_main(transport, case, end, control, producer):
         control.send(("stopped", max_rss_bytes()))
     except BaseException:
         _report_failure(control)
-        raise SystemExit(1)
+        raise SystemExit(1) from None
 
 
-def _consumer_main(transport, case, end, control, full_check):
+def _consumer_main(transport: Transport, case: Case, end: Any, control: Any, full_check: bool) -> None:
     try:
         receiver = transport.receiver(end, case)
         checker = case.checker(full_check)
@@ -966,13 +1008,23 @@ def _consumer_main(transport, case, end, control, full_check):
         control.send(("stopped", max_rss_bytes()))
     except BaseException:
         _report_failure(control)
-        raise SystemExit(1)
+        raise SystemExit(1) from None
 
 
 class Measurement:
     """One timed run: ``count`` messages of ``case`` through ``transport``."""
 
-    def __init__(self, case, transport, count, seconds, rss_start, rss_peak, error=None, repetition=None):
+    def __init__(
+        self,
+        case: Case,
+        transport: Transport,
+        count: int,
+        seconds: float,
+        rss_start: int,
+        rss_peak: int,
+        error: str | None = None,
+        repetition: int | None = None,
+    ) -> None:
         self.repetition = repetition
         self.case = case
         self.transport = transport
@@ -983,23 +1035,23 @@ class Measurement:
         self.error = error
 
     @property
-    def bytes(self):
+    def bytes(self) -> int:
         return self.count * self.case.size
 
     @property
-    def mb_per_s(self):
+    def mb_per_s(self) -> float:
         return self.bytes / self.seconds / 1e6 if self.seconds else 0.0
 
     @property
-    def messages_per_s(self):
+    def messages_per_s(self) -> float:
         return self.count / self.seconds if self.seconds else 0.0
 
-    def raise_for_error(self):
+    def raise_for_error(self) -> Measurement:
         if self.error:
             raise VerificationError("%s, %s: %s" % (self.case.name, self.transport.name, self.error))
         return self
 
-    def as_dict(self):
+    def as_dict(self) -> dict[str, Any]:
         return {
             "case": self.case.name,
             "transport": self.transport.name,
@@ -1026,47 +1078,55 @@ class Session:
     message) ends the session with ``BenchError``.
     """
 
-    def __init__(self, transport, case, *, start_method=None, timeout=120.0, full_check=False):
+    def __init__(
+        self,
+        transport: Transport,
+        case: Case,
+        *,
+        start_method: str | None = None,
+        timeout: float = 120.0,
+        full_check: bool = False,
+    ) -> None:
         import multiprocessing
 
         self.transport = transport
         self.case = case
         self.timeout = timeout
         self.full_check = full_check
-        self._context = multiprocessing.get_context(start_method or default_start_method())
-        self._link = None
-        self._producers = []
-        self._consumer = None
+        # Any: typeshed's BaseContext lacks Process (each concrete context has it).
+        self._context: Any = multiprocessing.get_context(start_method or default_start_method())
+        self._link: Link | None = None
+        # (process, control connection) of each child.
+        self._producers: list[tuple[Any, Any]] = []
+        self._consumer: tuple[Any, Any] | None = None
         self.rss_start = 0
 
     # -- lifetime -----------------------------------------------------------
 
-    def __enter__(self):
+    def __enter__(self) -> Session:
         self.start()
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _spawn(self, target, end, *extra):
+    def _spawn(self, target: Callable[..., None], end: Any, *extra: Any) -> tuple[Any, Any]:
         ours, theirs = self._context.Pipe()
         process = self._context.Process(
-            target=target, args=(self.transport, self.case, end, theirs) + extra, daemon=True
+            target=target, args=(self.transport, self.case, end, theirs, *extra), daemon=True
         )
         process.start()
         theirs.close()
         return process, ours
 
-    def start(self):
+    def start(self) -> None:
         """Start both processes and wait until each is ready."""
         case, transport = self.case, self.transport
         self._link = transport.open(case, self._context)
         try:
             self._consumer = self._spawn(_consumer_main, self._link.consumer_end, self.full_check)
             for index in range(case.producers):
-                self._producers.append(
-                    self._spawn(_producer_main, self._link.producer_end, index)
-                )
+                self._producers.append(self._spawn(_producer_main, self._link.producer_end, index))
             # The children hold their ends now; the parent's copies must go
             # or the readers would never see the writers leave.
             self._link.release()
@@ -1078,15 +1138,13 @@ class Session:
             self.close(force=True)
             raise
 
-    def close(self, force=False):
+    def close(self, force: bool = False) -> None:
         """Stop the processes (killing any that do not stop) and drop the link."""
         children = ([self._consumer] if self._consumer else []) + self._producers
         if not force:
-            for process, control in children:
-                try:
+            for _process, control in children:
+                with contextlib.suppress(OSError):
                     control.send(("stop",))
-                except OSError:
-                    pass
         deadline = _now() + (0 if force else 30.0)
         for process, control in children:
             process.join(max(0.0, deadline - _now()))
@@ -1101,7 +1159,7 @@ class Session:
 
     # -- running ------------------------------------------------------------
 
-    def _expect(self, child, what, deadline):
+    def _expect(self, child: tuple[Any, Any], what: str, deadline: float) -> Any:
         """The next report of ``child``, which must be ``what``."""
         process, control = child
         while True:
@@ -1133,7 +1191,7 @@ class Session:
             raise BenchError("%s: expected %r, got %r" % (where, what, report[0]))
         return report
 
-    def run(self, count):
+    def run(self, count: int) -> Measurement:
         """Move ``count`` messages (split among the producers) and time it."""
         if self._consumer is None:
             raise BenchError("session is not running")
@@ -1163,12 +1221,12 @@ class Progress:
     """One status line on stderr: rewritten in place on a terminal, plain
     lines when stderr is a file or a pipe (CI logs)."""
 
-    def __init__(self, stream=None):
+    def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stderr
         self.live = hasattr(self.stream, "isatty") and self.stream.isatty()
         self._width = 0
 
-    def show(self, text):
+    def show(self, text: str) -> None:
         if self.live:
             columns = shutil.get_terminal_size((100, 20)).columns - 1
             text = text[:columns]
@@ -1178,25 +1236,34 @@ class Progress:
             self.stream.write(text + "\n")
         self.stream.flush()
 
-    def note(self, text):
+    def note(self, text: str) -> None:
         """A line that stays (a skipped transport, a failure)."""
         self.clear()
         self.stream.write(text + "\n")
         self.stream.flush()
 
-    def clear(self):
+    def clear(self) -> None:
         if self.live and self._width:
             self.stream.write("\r" + " " * self._width + "\r")
             self.stream.flush()
             self._width = 0
 
 
-def _format_duration(seconds):
+class _Available(Protocol):
+    def unavailable(self) -> str | None: ...
+
+
+_EntryT = TypeVar("_EntryT", bound=_Available)
+
+
+def _format_duration(seconds: float) -> str:
     seconds = int(seconds)
     return "%d:%02d" % (seconds // 60, seconds % 60)
 
 
-def _select(registry, names, kind, notes):
+def _select(
+    registry: dict[str, _EntryT], names: list[str] | None, kind: str, notes: list[str]
+) -> list[_EntryT]:
     """The entries of ``registry`` named (all by default) that can run here;
     a note in ``notes`` for each one that cannot."""
     chosen = []
@@ -1212,25 +1279,27 @@ def _select(registry, names, kind, notes):
     return chosen
 
 
-def plan(case_names=None, transport_names=None):
+def plan(
+    case_names: list[str] | None = None, transport_names: list[str] | None = None
+) -> tuple[list[Case], list[Transport], list[str]]:
     """(cases, transports, notes): what can run here, and why the rest cannot."""
-    notes = []
+    notes: list[str] = []
     cases = _select(CASES, case_names, "case", notes)
     transports = _select(TRANSPORTS, transport_names, "transport", notes)
     return cases, transports, notes
 
 
 def run_bench(
-    cases,
-    transports,
+    cases: list[Case],
+    transports: list[Transport],
     *,
-    quick=False,
-    repeat=5,
-    start_method=None,
-    timeout=None,
-    progress=None,
-    full_check=False,
-):
+    quick: bool = False,
+    repeat: int = 5,
+    start_method: str | None = None,
+    timeout: float | None = None,
+    progress: Progress | None = None,
+    full_check: bool = False,
+) -> tuple[list[Measurement], list[str]]:
     """Run every supported (case, transport) pair ``repeat`` times.
 
     Within each repetition of a case the transports take turns (each
@@ -1240,9 +1309,7 @@ def run_bench(
     """
     progress = progress or Progress()
     results, failures = [], []
-    jobs = sum(
-        repeat * sum(1 for t in transports if t.supports(c)) for c in cases
-    )
+    jobs = sum(repeat * sum(1 for t in transports if t.supports(c)) for c in cases)
     done = 0
     began = _now()
     for case in cases:
@@ -1278,21 +1345,21 @@ def run_bench(
     return results, failures
 
 
-def summarize(results):
+def summarize(results: list[Measurement]) -> list[dict[str, Any]]:
     """Per (case, transport): median, min and max of the runs, and ratios.
 
     Returns a list of dicts in the order the cases and transports were run.
     """
-    grouped = {}
+    grouped: dict[tuple[str, str], list[Measurement]] = {}
     for m in results:
         if m.error is None:
             grouped.setdefault((m.case.name, m.transport.name), []).append(m)
-    rows = []
-    medians = {}
+    rows: list[dict[str, Any]] = []
+    medians: dict[tuple[str, str], float] = {}
     for (case_name, transport_name), runs in grouped.items():
         speeds = [m.mb_per_s for m in runs]
         rates = [m.messages_per_s for m in runs]
-        row = {
+        row: dict[str, Any] = {
             "case": case_name,
             "transport": transport_name,
             "label": runs[0].transport.label,
@@ -1319,7 +1386,7 @@ def summarize(results):
     return rows
 
 
-def _si(value):
+def _si(value: float) -> str:
     if value >= 1e6:
         return "%.2fM" % (value / 1e6)
     if value >= 1e4:
@@ -1329,11 +1396,11 @@ def _si(value):
     return "%.0f" % value
 
 
-def _mb(value):
+def _mb(value: float) -> str:
     return "%.0f" % value if value >= 100 else "%.1f" % value
 
 
-def format_table(rows, cases, repeat):
+def format_table(rows: list[dict[str, Any]], cases: list[Case], repeat: int) -> str:
     """The human-readable report."""
     lines = []
     header = "%-34s %9s %15s %9s %15s  %s" % (
@@ -1355,9 +1422,7 @@ def format_table(rows, cases, repeat):
         )
         lines.append(header)
         for row in case_rows:
-            ratios = ", ".join(
-                "%.2fx %s" % (value, _short(name)) for name, value in row["ratios"].items()
-            )
+            ratios = ", ".join("%.2fx %s" % (value, _short(name)) for name, value in row["ratios"].items())
             peak = row["consumer_rss_peak_bytes"] / MiB
             growth = (row["consumer_rss_peak_bytes"] - row["consumer_rss_start_bytes"]) / MiB
             lines.append(
@@ -1374,20 +1439,20 @@ def format_table(rows, cases, repeat):
     return "\n".join(lines)
 
 
-def _short(name):
+def _short(name: str) -> str:
     transport = TRANSPORTS.get(name)
     if transport is None:
         return name
     return transport.short or transport.label
 
 
-def _size(n):
+def _size(n: int) -> str:
     if n >= MiB and n % MiB == 0:
         return "%d MiB" % (n // MiB)
     return "%d B" % n
 
 
-def environment():
+def environment() -> dict[str, Any]:
     """What the figures were measured on."""
     import bigipc
     from bigipc import _platform
@@ -1404,7 +1469,13 @@ def environment():
     }
 
 
-def write_json(path, results, rows, failures, settings):
+def write_json(
+    path: str,
+    results: list[Measurement],
+    rows: list[dict[str, Any]],
+    failures: list[str],
+    settings: dict[str, Any],
+) -> None:
     document = {
         "environment": environment(),
         "settings": settings,
@@ -1421,7 +1492,7 @@ def write_json(path, results, rows, failures, settings):
 _CHART_COLORS = {"bigipc": "tab:blue", "floor": "tab:green"}
 
 
-def draw_chart(path, rows, cases):
+def draw_chart(path: str, rows: list[dict[str, Any]], cases: list[Case]) -> str | None:
     """A PNG with one panel per case; returns None or why it was not drawn."""
     try:
         import matplotlib

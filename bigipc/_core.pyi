@@ -29,15 +29,17 @@ The same holds when a Python signal handler raises (``KeyboardInterrupt``)
 in the middle of a call. A handler that returns lets the call go on.
 """
 
-from typing import Any, Optional
+from typing import Any
+
+from typing_extensions import TypeAlias
 
 # Every timeout is keyword-only, so that the positional parameters stay
 # exactly those of multiprocessing.connection.Connection.
 
 # Any object that exports a C-contiguous buffer (bytes, bytearray,
 # memoryview, array.array, mmap, numpy arrays, ...).
-ReadableBuffer = Any
-WritableBuffer = Any
+ReadableBuffer: TypeAlias = Any
+WritableBuffer: TypeAlias = Any
 
 # The 4-byte header value announcing an 8-byte length.
 LONG_HEADER: int
@@ -68,7 +70,7 @@ class Channel:
         readable: bool = True,
         writable: bool = True,
         *,
-        max_message_size: Optional[int] = None,
+        max_message_size: int | None = None,
     ) -> None:
         """Take ownership of ``fd``.
 
@@ -86,9 +88,9 @@ class Channel:
     @property
     def is_socket(self) -> bool: ...
     @property
-    def max_message_size(self) -> Optional[int]: ...
+    def max_message_size(self) -> int | None: ...
     @max_message_size.setter
-    def max_message_size(self, value: Optional[int]) -> None: ...
+    def max_message_size(self, value: int | None) -> None: ...
     @property
     def send_pending(self) -> int:
         """Bytes (header included) of a timed-out send still to be written."""
@@ -107,9 +109,9 @@ class Channel:
         self,
         data: ReadableBuffer,
         offset: int = 0,
-        size: Optional[int] = None,
+        size: int | None = None,
         *,
-        timeout: Optional[float] = None,
+        timeout: float | None = None,
     ) -> None:
         """Send ``data[offset:offset+size]`` (in bytes) as one message.
 
@@ -118,21 +120,21 @@ class Channel:
         ``multiprocessing`` words it. ``BrokenPipeError`` when the reader is
         gone.
         """
-    def send_parts(self, parts: Any, *, timeout: Optional[float] = None) -> None:
+    def send_parts(self, parts: Any, *, timeout: float | None = None) -> None:
         """Send the concatenation of the buffers in the sequence ``parts`` as
         one message, without joining them in memory."""
-    def send_multipart(self, parts: Any, *, timeout: Optional[float] = None) -> None:
+    def send_multipart(self, parts: Any, *, timeout: float | None = None) -> None:
         """Send the buffers of ``parts`` (1 to MAX_PARTS of them) as one
         multipart message, written from their own memory with one gather
         write; ``recv_message`` returns them as separate objects."""
-    def send_many(self, messages: Any, *, timeout: Optional[float] = None) -> None:
+    def send_many(self, messages: Any, *, timeout: float | None = None) -> None:
         """Send each buffer of ``messages`` as its own plain message, written
         together with as few system calls as possible. Interrupted once some
         bytes are out, the unsent rest of the whole batch is pending as one
         unit (``send_pending``, ``flush()``)."""
-    def flush(self, *, timeout: Optional[float] = None) -> None:
+    def flush(self, *, timeout: float | None = None) -> None:
         """Write the rest of a send that timed out. No-op when none."""
-    def recv_bytes(self, maxlength: Optional[int] = None, *, timeout: Optional[float] = None) -> bytes:
+    def recv_bytes(self, maxlength: int | None = None, *, timeout: float | None = None) -> bytes:
         """Receive one plain message as ``bytes``, read straight into the result.
 
         ``MultipartMessageError`` when the next message is multipart (it
@@ -141,14 +143,12 @@ class Channel:
         stream on a frame boundary; ``TruncatedMessageError`` and
         ``FrameError`` for a broken stream.
         """
-    def recv_message(
-        self, maxlength: Optional[int] = None, *, timeout: Optional[float] = None
-    ) -> Any:
+    def recv_message(self, maxlength: int | None = None, *, timeout: float | None = None) -> Any:
         """Receive one message of either kind: ``bytes`` for a plain message;
         for a multipart one a list of its parts, each read straight into its
         own new object (``bytes`` for parts sent from read-only memory,
         ``bytearray`` otherwise). ``maxlength`` bounds the total size."""
-    def recv_many(self, max_bytes: int = 65536, *, timeout: Optional[float] = None) -> list:
+    def recv_many(self, max_bytes: int = 65536, *, timeout: float | None = None) -> list[Any]:
         """Receive every message completed within the next ``max_bytes`` bytes
         of the stream: at least one, waiting up to ``timeout`` for it. Items
         are as ``recv_message`` returns them. Reads ahead only within the
@@ -157,24 +157,24 @@ class Channel:
         ``wait()`` and selectors stay truthful. ``ValueError`` below 16;
         values above 1 MiB read 1 MiB. Messages completed before a framing
         error are returned; the next receive raises the error."""
-    def recv_begin(self, maxlength: Optional[int] = None, *, timeout: Optional[float] = None) -> int:
+    def recv_begin(self, maxlength: int | None = None, *, timeout: float | None = None) -> int:
         """Start streaming the next plain message; return how many of its
         bytes are still to be taken (all of them unless an earlier stream of
         it was interrupted). Until they are all taken with
         ``recv_chunk_into``, other receives raise ``ValueError``."""
-    def recv_chunk_into(self, buffer: WritableBuffer, *, timeout: Optional[float] = None) -> int:
+    def recv_chunk_into(self, buffer: WritableBuffer, *, timeout: float | None = None) -> int:
         """Copy the next bytes (at least one, at most ``len(buffer)``) of the
         message being streamed into ``buffer``; return the count. After the
         last byte the message is done. ``ValueError`` when no message is
         being streamed."""
     def recv_bytes_into(
-        self, buffer: WritableBuffer, offset: int = 0, *, timeout: Optional[float] = None
+        self, buffer: WritableBuffer, offset: int = 0, *, timeout: float | None = None
     ) -> int:
         """Receive one message into ``buffer`` at byte ``offset``; return its
         length. When it does not fit, the whole message is consumed and
         ``multiprocessing.BufferTooShort(message_bytes)`` is raised, as the
         stdlib does. ``ValueError`` for a negative or too large offset."""
-    def poll(self, timeout: Optional[float] = 0.0) -> bool:
+    def poll(self, timeout: float | None = 0.0) -> bool:
         """True when a receive can make progress now: data or end of file on
         the descriptor (or a broken stream whose error the receive reports).
         Never reads."""

@@ -5,6 +5,8 @@ Each one subclasses the builtin that existing code already catches, so an
 keeps working.
 """
 
+from __future__ import annotations
+
 from multiprocessing import BufferTooShort
 
 __all__ = [
@@ -44,7 +46,7 @@ class MessageTooLong(OSError):
         self.length = length
         self.maxlength = maxlength
 
-    def __reduce__(self):  # pragma: no cover - trivial
+    def __reduce__(self) -> tuple[type[MessageTooLong], tuple[int, int]]:  # pragma: no cover - trivial
         return (type(self), (self.length, self.maxlength))
 
 

@@ -5,19 +5,23 @@ Bigger kernel buffers mean fewer wake-ups per megabyte: with the default
 Every adjustment here is best effort; a refusal leaves the default.
 """
 
+from __future__ import annotations
+
+import contextlib
 import fcntl
 import socket
 import sys
 
 # fcntl.F_SETPIPE_SZ appeared in Python 3.10; the value is Linux's ABI.
-_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031 if sys.platform.startswith("linux") else None)
-_F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032 if sys.platform.startswith("linux") else None)
+_LINUX = sys.platform.startswith("linux")
+_F_SETPIPE_SZ: int | None = getattr(fcntl, "F_SETPIPE_SZ", 1031 if _LINUX else None)
+_F_GETPIPE_SZ: int | None = getattr(fcntl, "F_GETPIPE_SZ", 1032 if _LINUX else None)
 
 # Socket buffer asked for on duplex pairs. The kernel caps it (Linux at
 # net.core.wmem_max / rmem_max, 208 KiB by default); asking is harmless.
 DEFAULT_SOCKET_BUFFER = 4 << 20
 
-_pipe_max_cache = None
+_pipe_max_cache: int | None = None
 
 
 def pipe_max_size() -> int:
@@ -32,36 +36,32 @@ def pipe_max_size() -> int:
     return _pipe_max_cache
 
 
-def set_pipe_size(fd: int, size: "int | None") -> int:
+def set_pipe_size(fd: int, size: int | None) -> int:
     """Resize the pipe behind ``fd``; return its size afterwards (0 if unknown).
 
     ``None`` asks for the system maximum, ``0`` leaves the pipe alone.
     Failure (not Linux, EPERM past the per-user pipe quota, EBUSY when the
     pipe holds more data than the new size) keeps the current size.
     """
-    if _F_SETPIPE_SZ is None:
+    if _F_SETPIPE_SZ is None or _F_GETPIPE_SZ is None:
         return 0
     if size is None:
         size = pipe_max_size()
     if size:
-        try:
+        with contextlib.suppress(OSError):
             fcntl.fcntl(fd, _F_SETPIPE_SZ, size)
-        except OSError:
-            pass
     try:
         return fcntl.fcntl(fd, _F_GETPIPE_SZ)
     except OSError:
         return 0
 
 
-def set_socket_buffers(sock: socket.socket, size: "int | None") -> None:
+def set_socket_buffers(sock: socket.socket, size: int | None) -> None:
     """Ask for ``size``-byte send and receive buffers (None: the default)."""
     if size is None:
         size = DEFAULT_SOCKET_BUFFER
     if not size:
         return
     for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        try:
+        with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, option, size)
-        except OSError:
-            pass

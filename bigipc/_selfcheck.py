@@ -7,6 +7,8 @@ Connection at the other end. Prints PASS or FAIL per check; the command
 exits non-zero if any check fails.
 """
 
+from __future__ import annotations
+
 import importlib
 import multiprocessing
 import os
@@ -14,6 +16,7 @@ import sys
 import threading
 import time
 import traceback
+from typing import Any, Callable, TextIO, cast
 
 import bigipc
 from bigipc import _platform
@@ -32,30 +35,33 @@ class CheckFailed(Exception):
     pass
 
 
-def _payload(size, salt):
+def _payload(size: int, salt: int) -> bytes:
     # Distinct content per message, so a swapped or stale echo shows.
     block = bytes((i * 131 + salt * 17) & 0xFF for i in range(251))
     return (block * (size // len(block) + 1))[:size]
 
 
-def _echo_child(receiver, sender, count):
+def _echo_child(receiver: Any, sender: Any, count: int) -> None:
     """Child process: send back ``count`` byte messages, then one object."""
     for _ in range(count):
         sender.send_bytes(receiver.recv_bytes())
     sender.send(receiver.recv())
 
 
-def _links(library, duplex):
+def _links(library: str, duplex: bool) -> tuple[Any, Any, Any, Any]:
     """(parent_recv, parent_send, child_recv, child_send).
 
     The parent's ends are always bigipc; the child's are bigipc or, for
     ``library == "multiprocessing"``, unmodified stdlib Connections whose
     partners were taken over with ``bigipc.Connection.adopt``.
     """
+    # Typed loosely on purpose: the ends are of either library.
+    make: Callable[[bool], tuple[Any, Any]]
+    adopt: Callable[[Any], Any]
     if library == "bigipc":
         make, adopt = bigipc.Pipe, (lambda conn: conn)
     else:
-        make, adopt = multiprocessing.Pipe, bigipc.Connection.adopt
+        make, adopt = multiprocessing.Pipe, cast("Callable[[Any], Any]", bigipc.Connection.adopt)
     if duplex:
         mine, theirs = make(True)
         mine = adopt(mine)
@@ -65,13 +71,14 @@ def _links(library, duplex):
     return adopt(parent_recv), adopt(parent_send), child_recv, child_send
 
 
-def _round_trip(library, duplex):
+def _round_trip(library: str, duplex: bool) -> str:
     parent_recv, parent_send, child_recv, child_send = _links(library, duplex)
     if library == "multiprocessing":
         # A stdlib peer reads plain messages only: objects with large
         # buffers must not go out of band (multipart) to it.
         parent_send.out_of_band_threshold = None
-    context = multiprocessing.get_context(default_start_method())
+    # Any: typeshed's BaseContext lacks Process (each concrete context has it).
+    context: Any = multiprocessing.get_context(default_start_method())
     child = context.Process(
         target=_echo_child, args=(child_recv, child_send, len(ROUND_TRIP_SIZES)), daemon=True
     )
@@ -114,7 +121,7 @@ def _round_trip(library, duplex):
     return "bytes of %s and an object holding 1 MiB, there and back" % sizes
 
 
-def _expect_timeout(call, timeout, what):
+def _expect_timeout(call: Callable[[], object], timeout: float, what: str) -> float:
     started = time.monotonic()
     try:
         call()
@@ -128,7 +135,7 @@ def _expect_timeout(call, timeout, what):
     return elapsed
 
 
-def _check_receive_timeout():
+def _check_receive_timeout() -> str:
     reader, writer = bigipc.Pipe(duplex=False)
     with reader, writer:
         elapsed = _expect_timeout(lambda: reader.recv_bytes(timeout=0.2), 0.2, "recv_bytes on an empty pipe")
@@ -139,7 +146,7 @@ def _check_receive_timeout():
     return "TimeoutError after %.3f s for timeout=0.2; the connection works afterwards" % elapsed
 
 
-def _check_partial_receive():
+def _check_partial_receive() -> str:
     # Part of a frame in the pipe: the receive times out holding it, and the
     # next receive completes the same message.
     read_fd, write_fd = os.pipe()
@@ -165,13 +172,13 @@ def _check_partial_receive():
     return "a receive that timed out mid-message was completed by the next one"
 
 
-def _write_all(fd, data):
+def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
 
 
-def _check_partial_send():
+def _check_partial_send() -> str:
     reader, writer = bigipc.Pipe(duplex=False)
     with reader, writer:
         pipe_size = _platform.set_pipe_size(writer.fileno(), 0) or 64 * 1024
@@ -179,9 +186,9 @@ def _check_partial_send():
         _expect_timeout(lambda: writer.send_bytes(big, timeout=0.2), 0.2, "send_bytes with nobody reading")
         if not writer.send_pending:
             raise CheckFailed("a send that timed out part way kept no pending rest")
-        received = []
+        received: list[Any] = []
 
-        def drain():
+        def drain() -> None:
             try:
                 received.append(reader.recv_bytes(timeout=_PATIENCE))
                 received.append(reader.recv_bytes(timeout=_PATIENCE))
@@ -205,7 +212,7 @@ def _check_partial_send():
     return "a send that timed out part way was finished, intact, before the next message"
 
 
-def _check_implementation(out):
+def _check_implementation(out: TextIO) -> str:
     expect_compiled = os.environ.get("BIGIPC_PUREPYTHON", "") in ("", "0")
     required = os.environ.get("BIGIPC_REQUIRE_EXTENSION", "") not in ("", "0")
     if bigipc.IMPLEMENTATION == "python" and expect_compiled:
@@ -229,7 +236,7 @@ def _check_implementation(out):
     return "%s core" % bigipc.IMPLEMENTATION
 
 
-CHECKS = [
+CHECKS: list[tuple[str, Callable[[], str] | None]] = [
     ("core", None),  # _check_implementation, which also writes the warning
     ("round trip, bigipc.Pipe()", lambda: _round_trip("bigipc", True)),
     ("round trip, bigipc.Pipe(duplex=False)", lambda: _round_trip("bigipc", False)),
@@ -241,11 +248,13 @@ CHECKS = [
 ]
 
 
-def run_selfcheck(out=None):
+def run_selfcheck(out: TextIO | None = None) -> int:
     """Run every check, print the results; return the number of failures."""
     out = out or sys.stdout
-    out.write("bigipc %s, %s core, Python %s on %s\n" % (
-        bigipc.__version__, bigipc.IMPLEMENTATION, sys.version.split()[0], sys.platform))
+    out.write(
+        "bigipc %s, %s core, Python %s on %s\n"
+        % (bigipc.__version__, bigipc.IMPLEMENTATION, sys.version.split()[0], sys.platform)
+    )
     core_module = sys.modules.get("bigipc._core") or sys.modules.get("bigipc._purecore")
     if core_module is not None:
         out.write("core module: %s\n" % getattr(core_module, "__file__", "?"))

@@ -1,0 +1,306 @@
+"""The core's type stub, ``bigipc/_core.pyi``, matches both cores.
+
+The stub is the one written-down interface of the core (DESIGN.md). These
+tests read it with ``ast`` (from the installed package: it ships in the wheel)
+and compare it with what the compiled ``bigipc._core`` and the pure-Python
+``bigipc._purecore`` really have: every public module constant, every method
+and property of ``Channel``, both ways; for each method the parameter names,
+kinds (positional or keyword-only) and defaults; for each property whether it
+can be set.
+
+How signatures are read from the compiled core: Cython's ``binding=True``
+(the Cython 3 default) makes ``inspect.signature`` work on every ``def``
+method. ``__init__`` of a ``cdef class`` is a slot wrapper without a
+signature, so its parameters come from the signature that
+``embedsignature=True`` writes into the class docstring; that rendering puts
+the ``*`` of keyword-only parameters in the wrong place, so keyword-only-ness
+of ``__init__`` parameters is checked by calling it.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import os
+import re
+import types
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pytest
+
+import bigipc
+
+STUB = Path(bigipc.__file__).with_name("_core.pyi")
+
+# What the pure-Python core lacks compared with the stub: nothing. The test
+# below asserts this exact set, so a name the pure core loses fails it.
+PURE_CORE_MISSING: frozenset[str] = frozenset()
+
+
+class Param(NamedTuple):
+    name: str
+    kind: str  # "positional" (positional or keyword), "keyword", "*args", "**kwargs"
+    default: Any  # NO_DEFAULT when there is none
+
+
+class _NoDefault:
+    def __repr__(self) -> str:
+        return "<no default>"
+
+
+NO_DEFAULT: Any = _NoDefault()
+
+_KINDS = {
+    inspect.Parameter.POSITIONAL_ONLY: "positional-only",
+    inspect.Parameter.POSITIONAL_OR_KEYWORD: "positional",
+    inspect.Parameter.VAR_POSITIONAL: "*args",
+    inspect.Parameter.KEYWORD_ONLY: "keyword",
+    inspect.Parameter.VAR_KEYWORD: "**kwargs",
+}
+
+
+class Stub(NamedTuple):
+    constants: frozenset[str]
+    methods: dict[str, tuple[Param, ...]]  # name -> parameters after self
+    properties: dict[str, bool]  # name -> settable
+
+
+def _stub_params(function: ast.FunctionDef) -> tuple[Param, ...]:
+    args = function.args
+    positional = args.posonlyargs + args.args
+    defaults = [NO_DEFAULT] * (len(positional) - len(args.defaults)) + [
+        ast.literal_eval(d) for d in args.defaults
+    ]
+    params = [
+        Param(a.arg, "positional-only" if a in args.posonlyargs else "positional", d)
+        for a, d in zip(positional, defaults)
+    ]
+    if args.vararg:
+        params.append(Param(args.vararg.arg, "*args", NO_DEFAULT))
+    for a, d in zip(args.kwonlyargs, args.kw_defaults):
+        params.append(Param(a.arg, "keyword", NO_DEFAULT if d is None else ast.literal_eval(d)))
+    if args.kwarg:
+        params.append(Param(args.kwarg.arg, "**kwargs", NO_DEFAULT))
+    assert params and params[0].name == "self", function.name
+    return tuple(params[1:])
+
+
+def _is_type_alias(node: ast.stmt) -> bool:
+    """``Name: TypeAlias = ...``: a name for type checkers only."""
+    return (
+        isinstance(node, ast.AnnAssign)
+        and isinstance(node.annotation, ast.Name)
+        and node.annotation.id == "TypeAlias"
+    )
+
+
+def read_stub() -> Stub:
+    tree = ast.parse(STUB.read_text(encoding="utf-8"), str(STUB))
+    constants = set()
+    channel = None
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and not _is_type_alias(node):
+            constants.add(node.target.id)
+        elif isinstance(node, ast.Assign):  # an untyped alias would hide from this test
+            raise AssertionError("%s:%d: give module names an annotation" % (STUB.name, node.lineno))
+        elif isinstance(node, ast.ClassDef):
+            assert node.name == "Channel", "the stub declares one class, Channel"
+            channel = node
+    assert channel is not None
+    methods: dict[str, tuple[Param, ...]] = {}
+    properties: dict[str, bool] = {}
+    for item in channel.body:
+        if not isinstance(item, ast.FunctionDef):
+            continue
+        decorators = [ast.unparse(d) for d in item.decorator_list]
+        if decorators == ["property"]:
+            properties[item.name] = False
+        elif decorators == ["%s.setter" % item.name]:
+            properties[item.name] = True
+        else:
+            assert not decorators, "%s: unexpected decorators %s" % (item.name, decorators)
+            methods[item.name] = _stub_params(item)
+    return Stub(frozenset(c for c in constants if not c.startswith("_")), methods, properties)
+
+
+def _runtime_params(function: Any) -> tuple[Param, ...]:
+    signature = inspect.signature(function)
+    params = [
+        Param(
+            p.name,
+            _KINDS[p.kind],
+            NO_DEFAULT if p.default is inspect.Parameter.empty else p.default,
+        )
+        for p in signature.parameters.values()
+    ]
+    assert params and params[0].name == "self"
+    return tuple(params[1:])
+
+
+def _embedded_init_params(cls: type) -> tuple[Param, ...]:
+    """Parameters of ``cls.__init__`` from Cython's embedded signature.
+
+    The C-style rendering reads ``Channel(int fd, bool readable=True, ...,
+    max_message_size=None, *)``: names, C types and defaults, with the ``*``
+    misplaced, so every parameter is reported as "positional" here and
+    keyword-only ones are checked by calling.
+    """
+    first_line = (cls.__doc__ or "").splitlines()[0] if cls.__doc__ else ""
+    match = re.fullmatch(r"%s\((.*)\)" % cls.__name__, first_line.strip())
+    assert match, "no embedded signature in %s.__doc__: %r" % (cls.__name__, first_line)
+    params = []
+    for text in match.group(1).split(","):
+        text = text.strip()
+        if not text or text == "*":
+            continue
+        declaration, _, default = text.partition("=")
+        name = declaration.split()[-1].lstrip("*")
+        params.append(Param(name, "positional", ast.literal_eval(default) if default else NO_DEFAULT))
+    return tuple(params)
+
+
+def _positional_view(params: tuple[Param, ...]) -> tuple[Param, ...]:
+    return tuple(p._replace(kind="positional") if p.kind == "keyword" else p for p in params)
+
+
+def _core_module(name: str) -> types.ModuleType:
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        if name == "bigipc._core" and os.environ.get("BIGIPC_PUREPYTHON", "") not in ("", "0"):
+            pytest.skip("BIGIPC_PUREPYTHON=1: compiled core not required (%s)" % exc)
+        raise
+
+
+def _own_public_names(module: types.ModuleType) -> set[str]:
+    """Public classes and functions defined in ``module`` (not imported into it)."""
+    names = set(getattr(module, "__all__", ()))
+    for name, value in vars(module).items():
+        if name.startswith("_"):
+            continue
+        if isinstance(value, (type, types.FunctionType, types.BuiltinFunctionType)) and (
+            getattr(value, "__module__", None) == module.__name__
+        ):
+            names.add(name)
+    return names
+
+
+def _public_members(cls: type) -> set[str]:
+    return {name for name in dir(cls) if not name.startswith("_")}
+
+
+def interface_differences(module: types.ModuleType) -> set[str]:
+    """Every way ``module`` differs from the stub, one line each; names
+    missing from the module are the bare (dotted) name."""
+    stub = read_stub()
+    problems: set[str] = set()
+    for name in stub.constants | {"Channel"}:
+        if not hasattr(module, name):
+            problems.add(name)
+    for name in _own_public_names(module) - stub.constants - {"Channel"}:
+        problems.add("%s: not in the stub" % name)
+    channel = getattr(module, "Channel", None)
+    if channel is None:
+        return problems
+    compiled = not isinstance(channel.__init__, types.FunctionType)
+    declared = set(stub.methods) | set(stub.properties)
+    for name in _public_members(channel) - declared:
+        problems.add("Channel.%s: not in the stub" % name)
+    for name, params in stub.methods.items():
+        if name != "__init__" and not callable(getattr(channel, name, None)):
+            problems.add("Channel.%s" % name)
+            continue
+        if name == "__init__" and compiled:
+            actual = _embedded_init_params(channel)
+            params = _positional_view(params)
+        else:
+            actual = _runtime_params(getattr(channel, name))
+        if actual != params:
+            problems.add("Channel.%s%s: the stub says %s" % (name, actual, params))
+    for name in stub.properties:
+        if name not in dir(channel):
+            problems.add("Channel.%s" % name)
+        elif callable(getattr(channel, name)):
+            problems.add("Channel.%s: a method, the stub says a property" % name)
+    return problems
+
+
+@pytest.fixture
+def pipe_channel(request: pytest.FixtureRequest) -> Any:
+    """A factory: ``make(module)`` gives a Channel on a fresh pipe's read end."""
+    made = []
+
+    def make(module: types.ModuleType) -> Any:
+        read_fd, write_fd = os.pipe()
+        os.close(write_fd)
+        try:
+            channel = module.Channel(read_fd, True, False)
+        except BaseException:
+            os.close(read_fd)
+            raise
+        made.append(channel)
+        return channel
+
+    yield make
+    for channel in made:
+        channel.close()
+
+
+def test_stub_parses_and_declares_the_interface() -> None:
+    stub = read_stub()
+    assert {"LONG_HEADER", "MULTIPART_HEADER", "MAX_SHORT_LENGTH", "MAX_PARTS"} <= stub.constants
+    assert {"__init__", "send_bytes", "recv_bytes", "recv_bytes_into", "poll", "close"} <= set(stub.methods)
+    assert stub.properties["max_message_size"] is True
+    assert stub.properties["closed"] is False
+
+
+def test_stub_matches_compiled_core() -> None:
+    module = _core_module("bigipc._core")
+    assert interface_differences(module) == set()
+
+
+def test_stub_matches_pure_core() -> None:
+    module = _core_module("bigipc._purecore")
+    differences = interface_differences(module)
+    assert differences == PURE_CORE_MISSING, (
+        "the pure core's differences from bigipc/_core.pyi changed; new: %s; gone (remove them from "
+        "PURE_CORE_MISSING): %s"
+        % (sorted(differences - PURE_CORE_MISSING), sorted(PURE_CORE_MISSING - differences))
+    )
+
+
+@pytest.mark.parametrize("name", ["bigipc._core", "bigipc._purecore"])
+def test_property_setters_match_stub(name: str, pipe_channel: Any) -> None:
+    """A property the stub gives a setter can be set; the others cannot."""
+    channel = pipe_channel(_core_module(name))
+    for prop, settable in read_stub().properties.items():
+        value = getattr(channel, prop)
+        if settable:
+            setattr(channel, prop, value)
+            assert getattr(channel, prop) == value
+        else:
+            with pytest.raises(AttributeError):
+                setattr(channel, prop, value)
+
+
+@pytest.mark.parametrize("name", ["bigipc._core", "bigipc._purecore"])
+def test_init_keyword_only_parameters(name: str) -> None:
+    """``__init__``'s keyword-only parameters in the stub are keyword-only in
+    the core: passing one more positional argument is a TypeError."""
+    module = _core_module(name)
+    params = read_stub().methods["__init__"]
+    positional = [p for p in params if p.kind == "positional"]
+    keyword = [p for p in params if p.kind == "keyword"]
+    assert keyword, "the stub's __init__ has keyword-only parameters"
+    read_fd, write_fd = os.pipe()
+    try:
+        args: list[Any] = [read_fd, True, False][: len(positional)]
+        with pytest.raises(TypeError):
+            module.Channel(*args, *[p.default for p in keyword])
+        channel = module.Channel(*args, **{p.name: p.default for p in keyword})
+        channel.detach()
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
