@@ -1307,8 +1307,13 @@ class Channel:
                 else:
                     reads.extend(map(_first, starmap(sock.recvmsg_into, ((iovec, 0, _RECV_FLAGS),))))
             except BlockingIOError:
+                # Drop the slices of the caller's buffer before waiting: a
+                # TimeoutError's traceback would otherwise keep them, and the
+                # caller's bytearray could not be resized while it lives.
+                iovec = None
                 self._wait(select.POLLIN, deadline, "receiving")
                 continue
+            iovec = None
             if not reads[-1]:
                 self._break_stream(
                     TruncatedMessageError("end of file after %d of %d bytes of a message" % (got, length))

@@ -1738,8 +1738,11 @@ def test_partial_receive_does_not_pin_callers_buffer(raw_writer):
     data = payload(1000, seed=21)
     raw.write(header(1000) + data[:300])
     first = bytearray(2000)
-    with pytest.raises(TimeoutError):
+    with pytest.raises(TimeoutError) as caught:
         reader.recv_bytes_into(first, timeout=0.05)
+    # The exception (and its traceback) is still alive here: no frame of the
+    # call may hold an export of the buffer.
+    assert caught.value is not None
     first += b"x" * 100000  # no export of it may remain
     first[:] = b"\xee" * len(first)
     del first
