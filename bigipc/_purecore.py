@@ -41,8 +41,8 @@ import stat
 import struct
 import sys
 import threading
-import weakref
 import time
+import weakref
 from bisect import bisect_right
 from collections import deque
 from itertools import accumulate, starmap
@@ -456,7 +456,7 @@ def _borrow_socket(fd: int) -> _BorrowedSocket:
 # Every live Channel, so that a forked child can replace their locks: a lock
 # held by another thread at fork() time would stay held in the child, where
 # that thread does not exist.
-_live_channels: "weakref.WeakSet[Channel]" = weakref.WeakSet()
+_live_channels: weakref.WeakSet[Channel] = weakref.WeakSet()
 
 
 def _renew_locks_after_fork() -> None:
@@ -1310,10 +1310,10 @@ class Channel:
                 # Drop the slices of the caller's buffer before waiting: a
                 # TimeoutError's traceback would otherwise keep them, and the
                 # caller's bytearray could not be resized while it lives.
-                iovec = None
+                del iovec
                 self._wait(select.POLLIN, deadline, "receiving")
                 continue
-            iovec = None
+            del iovec
             if not reads[-1]:
                 self._break_stream(
                     TruncatedMessageError("end of file after %d of %d bytes of a message" % (got, length))

@@ -74,11 +74,12 @@ from typing import Callable, NamedTuple
 REPO = Path(__file__).resolve().parent.parent
 
 # Files the lint step gates on (CI fails on any finding in them). The rest
-# of the tree is linted too and its findings are counted, not failed on:
-# bigipc/_purecore.py and the tests are being reworked and will join later.
+# of the tree (most of tests/) is linted too and its findings are counted,
+# not failed on, until it is clean.
 LINT_GATED = [
     "setup.py",
     "bigipc/__init__.py",
+    "bigipc/_purecore.py",
     "bigipc/__main__.py",
     "bigipc/_backend.py",
     "bigipc/_bench.py",
