@@ -1,8 +1,9 @@
 """bigipc: fast, framed, timeout-aware IPC between processes over pipes.
 
-Drop-in replacements for ``multiprocessing``'s ``Pipe``/``Connection``
-(and, as they land, its queues), with a compiled core that moves message
-bytes without user-space copies and honours deadlines in both directions.
+Drop-in replacements for ``multiprocessing``'s ``Pipe``/``Connection``,
+``Queue``, ``SimpleQueue`` and ``JoinableQueue``, with a compiled core that
+moves message bytes without user-space copies and honours deadlines in both
+directions. The queues need no ``/dev/shm`` and survive a killed peer.
 """
 
 import sys
@@ -23,15 +24,19 @@ from bigipc._errors import (
 )
 from bigipc._version import __version__
 from bigipc.connection import Connection, Pipe, wait
+from bigipc.queues import JoinableQueue, Queue, SimpleQueue
 
 __all__ = [
     "IMPLEMENTATION",
     "BufferTooShort",
     "Connection",
     "FrameError",
+    "JoinableQueue",
     "MessageTooLong",
     "MultipartMessageError",
     "Pipe",
+    "Queue",
+    "SimpleQueue",
     "TruncatedMessageError",
     "__version__",
     "wait",
