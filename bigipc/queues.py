@@ -1058,7 +1058,9 @@ class JoinableQueue(Queue):
         with self._lock:
             self._ensure_process()
             with self._bound_lock():
-                if self._sum(_PUTS) - self._sum(_DONE) <= 0:
+                # Pending counts too: a consumer can receive an item before
+                # its producer has moved it from pending to put.
+                if self._unfinished() <= 0:
                     raise ValueError("task_done() called too many times")
                 self._add(_DONE, 1)
                 finished = self._unfinished() <= 0

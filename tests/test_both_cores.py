@@ -2,9 +2,9 @@
 
 bigipc picks its core once, at import (bigipc._backend), so the pure core
 cannot be swapped in within this process. When this process runs the
-compiled core, tests/test_connection.py and tests/test_cpython_suite.py are
-run again in a child pytest with BIGIPC_PUREPYTHON=1, under a bounded
-timeout, and must pass there too. (tests/test_core.py covers both cores in
+compiled core, tests/test_connection.py, tests/test_cpython_suite.py and
+tests/test_queues.py are run again in a child pytest with
+BIGIPC_PUREPYTHON=1, under a bounded timeout, and must pass there too. (tests/test_core.py covers both cores in
 one process by itself.)
 """
 
@@ -20,7 +20,7 @@ import bigipc
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS_DIR)
-FILES = ["test_connection.py", "test_cpython_suite.py"]
+FILES = ["test_connection.py", "test_cpython_suite.py", "test_queues.py"]
 # Far above the few minutes the two files take on the pure core.
 SUBPROCESS_TIMEOUT = 1500
 
