@@ -643,3 +643,21 @@ def test_a_dropped_queue_releases_its_descriptors():
 def test_queue_socket_is_a_datagram_socket():
     q = bigipc.Queue()
     assert q._rsock.type == socket.SOCK_DGRAM
+
+
+@pytest.mark.parametrize("size", [100 * KiB, 1 * MiB, 3 * MiB])
+def test_buffer_types_survive_the_trip(size):
+    np = pytest.importorskip("numpy")
+    q = bigipc.Queue()
+    a = np.arange(size // 8, dtype=np.float64)
+    objs = [b"b" * size, bytearray(b"a" * size), a, [a, b"c" * size], pickle.PickleBuffer(b"d" * size)]
+    for obj in objs:
+        q.put(obj)
+    got = drain(q, len(objs))
+    assert type(got[0]) is bytes and got[0] == objs[0]
+    assert type(got[1]) is bytearray and got[1] == objs[1]
+    assert got[2].flags.writeable and got[2].flags.aligned and (got[2] == a).all()
+    assert (got[3][0] == a).all() and type(got[3][1]) is bytes
+    assert bytes(got[4]) == b"d" * size
+    got[2][0] = 5  # the receiver's own memory
+    assert a[0] == 0
