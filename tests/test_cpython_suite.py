@@ -1,15 +1,19 @@
-"""CPython's own tests of Connection objects, run against bigipc.Pipe.
+"""CPython's own tests of Connection objects and queues, run against
+bigipc.Pipe and bigipc's Queue, JoinableQueue and SimpleQueue.
 
-_TestConnection, _TestPoll and _TestPicklingConnections from
-test._test_multiprocessing (the copy installed with the running Python),
-for the 'processes' type, under the fork, spawn and forkserver start
-methods. The classes are generated in tests/_cpython_cases.py (see there
-why) and collected here by pytest as ordinary unittest.TestCase classes.
-The functions at the end check that the generated classes really use
-bigipc's Pipe and the start method they are named after.
+_TestConnection, _TestPoll, _TestPicklingConnections, _TestQueue and
+TestSimpleQueue from test._test_multiprocessing (the copy installed with
+the running Python), for the 'processes' type, under the fork, spawn and
+forkserver start methods. The classes are generated in
+tests/_cpython_cases.py (see there why, and for the queue tests that are
+skipped and why) and collected here by pytest as ordinary
+unittest.TestCase classes. The functions at the end check that the
+generated classes really use bigipc's objects and the start method they
+are named after.
 """
 
 import multiprocessing
+import multiprocessing.context
 import os
 import sys
 import unittest
@@ -17,7 +21,7 @@ import unittest
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _children  # noqa: E402
+import _children
 
 _children.make_importable_in_children()
 
@@ -32,7 +36,16 @@ pytestmark = pytest.mark.timeout(120)
 
 LONG = 30.0
 
-# What pytest collects: the generated unittest.TestCase classes.
+# Each CPython queue test takes well under a second on bigipc's queues
+# (a whole class about three seconds); a hang fails the test, not the run.
+QUEUE_TEST_TIMEOUT = 30
+
+# What pytest collects: the generated unittest.TestCase classes (and only
+# under their own names: pytest collects any TestCase class it finds).
+for _cls in _cpython_cases.TEST_CLASSES.values():
+    if _cls.cpython_base in _cpython_cases.QUEUE_BASES:
+        pytest.mark.timeout(QUEUE_TEST_TIMEOUT)(_cls)
+del _cls
 globals().update(_cpython_cases.TEST_CLASSES)
 
 
@@ -64,7 +77,8 @@ def test_every_class_and_start_method_was_generated():
         assert cls.__module__ == "_cpython_cases"
         tests = unittest.defaultTestLoader.getTestCaseNames(cls)
         assert tests, name
-        base = next(b for b in cls.__mro__ if b.__name__ in _cpython_cases.BASES)
+        base = getattr(_cpython_cases.cpython_tests, cls.cpython_base)
+        assert base in cls.__mro__
         assert set(tests) == {n for n in dir(base) if n.startswith("test")}
 
 
@@ -146,3 +160,135 @@ def test_generated_class_uses_its_start_method(method):
     else:
         assert report["marker"] is None
         assert report["ppid"] != os.getpid()
+
+
+# --------------------------------------------------------------------------
+# the queue classes
+
+
+def _queue_cases():
+    return sorted(
+        (n, c) for n, c in _cpython_cases.TEST_CLASSES.items() if c.cpython_base in _cpython_cases.QUEUE_BASES
+    )
+
+
+def _stdlib_queue_names():
+    """What the names patch_stdlib_queues() replaces are right now."""
+    names = {"close_queue": _cpython_cases.cpython_tests.close_queue}
+    for name in _cpython_cases.QUEUE_NAMES:
+        names["multiprocessing." + name] = getattr(multiprocessing, name)
+        names["BaseContext." + name] = multiprocessing.context.BaseContext.__dict__[name]
+    return names
+
+
+def _run(cls, test_names):
+    """Run tests of a generated class through unittest, as pytest would."""
+    result = unittest.TestResult()
+    cls.setUpClass()
+    try:
+        unittest.TestSuite([cls(n) for n in test_names]).run(result)
+    finally:
+        cls.tearDownClass()
+    return result
+
+
+@pytest.mark.parametrize("name,cls", _queue_cases(), ids=[n for n, _ in _queue_cases()])
+def test_generated_class_queues_are_bigipc(name, cls):
+    case = cls(unittest.defaultTestLoader.getTestCaseNames(cls)[0])
+    made = [case.Queue(maxsize=3), case.JoinableQueue(2), case.SimpleQueue(), case.Queue()]
+    try:
+        types = [bigipc.Queue, bigipc.JoinableQueue, bigipc.SimpleQueue, bigipc.Queue]
+        assert [type(q) for q in made] == types
+        assert [q.maxsize for q in made] == [3, 2, 0, 0]
+    finally:
+        for q in made:
+            q.close()
+    assert cls.TYPE == "processes"
+    assert [m.name for m in cls.pytestmark] == ["timeout"]
+
+
+def test_stdlib_queue_names_make_bigipc_queues_while_patched():
+    originals = _stdlib_queue_names()
+    assert originals == _cpython_cases.ORIGINALS
+    undo = _cpython_cases.patch_stdlib_queues()
+    made = []
+    try:
+        made += [multiprocessing.Queue(), multiprocessing.Queue(maxsize=4), multiprocessing.JoinableQueue(5)]
+        made.append(multiprocessing.SimpleQueue())
+        for method in _cpython_cases.START_METHODS:
+            ctx = multiprocessing.get_context(method)
+            made += [ctx.Queue(2), ctx.JoinableQueue(maxsize=1), ctx.SimpleQueue()]
+        per_context = [bigipc.Queue, bigipc.JoinableQueue, bigipc.SimpleQueue]
+        expected = [bigipc.Queue, bigipc.Queue, bigipc.JoinableQueue, bigipc.SimpleQueue]
+        expected += per_context * len(_cpython_cases.START_METHODS)
+        assert [type(q) for q in made] == expected
+        assert [q.maxsize for q in made[:4]] == [0, 4, 5, 0]
+        q = made[0]
+        _cpython_cases.cpython_tests.close_queue(q)
+        with pytest.raises(ValueError, match="is closed"):
+            q.put(1)
+    finally:
+        undo()
+        for q in made:
+            q.close()
+    assert _stdlib_queue_names() == originals
+    q = multiprocessing.Queue()
+    assert type(q) is multiprocessing.queues.Queue
+    q.close()
+
+
+def test_cpython_queue_tests_run_on_bigipc_queues(monkeypatch):
+    # Run some of CPython's queue tests through unittest and record every
+    # queue they make: all are bigipc's, including those the tests make with
+    # multiprocessing.Queue() (directly or in a module they import), and
+    # close_queue closes them. Afterwards the stdlib names are the stdlib's.
+    originals = _stdlib_queue_names()
+    made = []
+    monkeypatch.setattr(_cpython_cases, "made_queues", made)
+    fork = _cpython_cases.START_METHODS[0]
+    queue_tests = _cpython_cases.TEST_CLASSES[_cpython_cases._class_name("_TestQueue", fork)]
+    simple_tests = _cpython_cases.TEST_CLASSES[_cpython_cases._class_name("TestSimpleQueue", fork)]
+    expected = {
+        (queue_tests, "test_qsize"): [bigipc.Queue],
+        (queue_tests, "test_timeout"): [bigipc.Queue],
+        (queue_tests, "test_no_import_lock_contention"): [bigipc.Queue],
+        (queue_tests, "test_closed_queue_put_get_exceptions"): [bigipc.Queue, bigipc.JoinableQueue],
+        (simple_tests, "test_close"): [bigipc.SimpleQueue],
+    }
+    for (cls, test_name), types in expected.items():
+        for _ in range(2):  # the second run makes its queues anew too
+            del made[:]
+            result = _run(cls, [test_name])
+            assert result.wasSuccessful(), (test_name, result.errors + result.failures)
+            assert result.testsRun == 1 and not result.skipped, test_name
+            assert [type(q) for q in made] == types, test_name
+            if test_name in ("test_qsize", "test_timeout"):
+                # close_queue(q) at the end of the test closed the bigipc queue.
+                with pytest.raises(ValueError, match="is closed"):
+                    made[0].put(1)
+            assert _stdlib_queue_names() == originals
+    for q in made:
+        q.close()
+
+
+def test_queue_skip_list():
+    # Every entry names a test CPython has, and the generated classes skip
+    # exactly those, with the reason; every other queue test runs.
+    for (base_name, test_name), reason in _cpython_cases.QUEUE_SKIPS.items():
+        assert base_name in _cpython_cases.QUEUE_BASES
+        assert hasattr(getattr(_cpython_cases.cpython_tests, base_name), test_name)
+        assert reason
+    for name, cls in _queue_cases():
+        skipped = {
+            test_name: getattr(cls, test_name).__unittest_skip_why__
+            for test_name in unittest.defaultTestLoader.getTestCaseNames(cls)
+            if getattr(getattr(cls, test_name), "__unittest_skip__", False)
+        }
+        assert skipped == {
+            test_name: reason
+            for (base_name, test_name), reason in _cpython_cases.QUEUE_SKIPS.items()
+            if base_name == cls.cpython_base
+        }, name
+        result = _run(cls, sorted(skipped))
+        assert sorted(reason for _, reason in result.skipped) == sorted(skipped.values())
+        assert result.wasSuccessful() and result.testsRun == len(skipped)
