@@ -7,7 +7,7 @@ consumer's last receive, both read on the system-wide monotonic clock.
 Every message received is checked against what was sent.
 
 Both registries are open: ``register_transport`` and ``register_case`` add
-entries (bigipc's queues will register themselves here), and the runner,
+entries (bigipc's queues are registered like any other), and the runner,
 the command line and the pytest-benchmark suite pick them up.
 
 Everything a child process needs travels as arguments (transports and cases
@@ -484,6 +484,9 @@ register_case(BytesCase("bytes-16MiB", "bytes, 16 MiB", 16 * MiB, 48, 4))
 register_case(BytesCase("bytes-256MiB", "bytes, 256 MiB", 256 * MiB, 4, 1))
 register_case(NumpyCase("numpy-8MiB", "numpy float64, 8 MiB, send/recv", 8 * MiB, 96, 6))
 register_case(DictCase("dict-100", "dict of 100 small values, send/recv", 100, 30_000, 2_000))
+# Four producers on one queue (only transports that take several writers).
+register_case(BytesCase("bytes-100B-4p", "bytes, 100 B, 4 producers", 100, 200_000, 20_000, producers=4))
+register_case(BytesCase("bytes-1MiB-4p", "bytes, 1 MiB, 4 producers", MiB, 768, 64, producers=4))
 
 
 # ---------------------------------------------------------------------------
@@ -760,6 +763,69 @@ class _MpQueueTransport(Transport):
         return Endpoint(recv=end.get, close=end.close)
 
 
+class _BigipcQueueTransport(Transport):
+    """bigipc's Queue or SimpleQueue, one item per put/get, or (``batch``)
+    ``put_many``/``get_many`` of a few hundred items per call."""
+
+    family = "bigipc"
+    multi_producer = True
+    _BATCH = 256
+
+    def __init__(self, name: str, label: str, kind: str, compare_to: tuple[str, ...]) -> None:
+        self.name = name
+        self.label = label
+        self.kind = kind  # "queue", "simple" or "batch"
+        self.compare_to = compare_to
+
+    def supports(self, case: Case) -> bool:
+        return not (self.kind == "batch" and case.size > 64 * 1024)
+
+    def open(self, case: Case, context: Any) -> Link:
+        import bigipc
+
+        queue: Any = bigipc.SimpleQueue() if self.kind == "simple" else bigipc.Queue()
+        return Link(queue, queue)
+
+    def sender(self, end: Any, case: Case) -> Endpoint:
+        def close() -> None:
+            end.close()
+            if self.kind != "simple":
+                end.join_thread()
+
+        if self.kind != "batch":
+            return Endpoint(send=end.put, close=close)
+        batch: list[Any] = []
+        put_many, limit = end.put_many, self._BATCH
+
+        def send(message: Any) -> None:
+            batch.append(message)
+            if len(batch) >= limit:
+                put_many(batch)
+                batch.clear()
+
+        def flush() -> None:
+            if batch:
+                put_many(batch)
+                batch.clear()
+
+        return Endpoint(send=send, flush=flush, close=close)
+
+    def receiver(self, end: Any, case: Case) -> Endpoint:
+        if self.kind != "batch":
+            return Endpoint(recv=end.get, close=end.close)
+        from collections import deque
+
+        ready: deque[Any] = deque()
+        get_many, limit = end.get_many, self._BATCH * 4
+
+        def recv() -> Any:
+            if not ready:
+                ready.extend(get_many(limit))
+            return ready.popleft()
+
+        return Endpoint(recv=recv, close=end.close)
+
+
 class _FasterFifoTransport(Transport):
     name = "faster-fifo"
     label = "faster_fifo.Queue"
@@ -933,6 +999,13 @@ register_transport(
     _PipeTransport(
         "mp-simplex", "multiprocessing.Pipe(duplex=False)", "stdlib", False, short="mp.Pipe(duplex=False)"
     )
+)
+register_transport(_BigipcQueueTransport("bigipc-queue", "bigipc.Queue", "queue", ("mp-queue",)))
+register_transport(
+    _BigipcQueueTransport("bigipc-simplequeue", "bigipc.SimpleQueue", "simple", ("mp-simplequeue",))
+)
+register_transport(
+    _BigipcQueueTransport("bigipc-queue-batch", "bigipc.Queue put_many/get_many", "batch", ("mp-queue",))
 )
 register_transport(_MpQueueTransport("mp-queue", "multiprocessing.Queue", simple=False))
 register_transport(_MpQueueTransport("mp-simplequeue", "multiprocessing.SimpleQueue", simple=True))

@@ -97,6 +97,7 @@ KIND_INLINE = 1  # one pickle follows the header
 KIND_BATCH = 2  # count u32 lengths, then the pickles back to back
 KIND_STREAM = 3  # no payload; one descriptor: a pipe holding one framed message
 KIND_PARTS = 4  # count u32 part lengths; the parts, each at a 64-byte-aligned offset
+KIND_LIST = 5  # one pickle of a list of count items (put_many)
 _READONLY = 1 << 31  # in a part length: the part was a read-only buffer (bytes)
 _ALIGN = 64
 _LENGTH = struct.Struct("!I")
@@ -568,7 +569,25 @@ class Queue:
         return rec
 
     def _make_records(self, objs: Iterable[Any]) -> tuple[list[_Record], int]:
-        """put_many: pack consecutive small pickles into batch datagrams."""
+        """put_many: one pickle per group of items when the group fits in a
+        datagram (one pickler call for hundreds of small items), else
+        small pickles packed many to a datagram, large items on their own."""
+        items = objs if isinstance(objs, list) else list(objs)
+        records: list[_Record] = []
+        group = 1024
+        for start in range(0, len(items), group):
+            chunk = items[start : start + group]
+            data, buffers = _pickling.dumps(chunk)
+            if not buffers and _RECORD.size + len(data) <= self._inline_limit:
+                rec = _Record(KIND_LIST, len(chunk))
+                rec.parts = [_RECORD.pack(_MAGIC, _VERSION, KIND_LIST, len(chunk)), data]
+                records.append(rec)
+            else:
+                records += self._make_item_records(chunk)
+        return records, len(items)
+
+    def _make_item_records(self, objs: Iterable[Any]) -> list[_Record]:
+        """Pack consecutive small pickles into batch datagrams."""
         records: list[_Record] = []
         batch: list[Any] = []
         size = _RECORD.size
@@ -590,9 +609,7 @@ class Queue:
             batch = []
             size = _RECORD.size
 
-        n = 0
         for obj in objs:
-            n += 1
             data, buffers = _pickling.dumps(obj)
             if buffers or _RECORD.size + len(data) > self._inline_limit:
                 close_batch()
@@ -603,7 +620,7 @@ class Queue:
             batch.append(data)
             size += _LENGTH.size + len(data)
         close_batch()
-        return records, n
+        return records
 
     def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
         """Put ``obj`` on the queue. It is pickled now, in the caller: an
@@ -620,7 +637,7 @@ class Queue:
                 with self._lock:
                     if self._slot >= 0 and not self._backlog:
                         try:
-                            self._wsock.sendmsg([_INLINE_HEADER, data], (), _DONTWAIT)
+                            self._wsock.send(_INLINE_HEADER + data, _DONTWAIT)
                         except OSError as exc:
                             if exc.errno not in _NO_ROOM:
                                 raise
@@ -965,8 +982,8 @@ class Queue:
             try:
                 n, anc, flags, _ = self._rsock.recvmsg_into([buf], _FDS_SPACE, _RECV_FLAGS)
             except BlockingIOError:
-                pass
-            else:
+                n = -1
+            if n >= 0:
                 if not anc and not flags and n >= _RECORD.size and buf[: _RECORD.size] == _INLINE_HEADER:
                     self._count_gets(1)
                     return _loads(buf[_RECORD.size : n])
@@ -1068,6 +1085,11 @@ class Queue:
             self._unpack_batch(buf, n, count, out, want)
         elif kind == KIND_PARTS:
             out.append(self._unpack_parts(buf, n, count))
+        elif kind == KIND_LIST:
+            items = _loads(buf[_RECORD.size : n])
+            if type(items) is not list or len(items) != count:
+                raise FrameError("list record does not hold %d items" % count)
+            self._deliver(items, out, want)
         else:
             return self._finish_stream(Channel(fds[0], writable=False), out, deadline)
         return True
@@ -1122,7 +1144,7 @@ class Queue:
         if kind == KIND_STREAM:
             if len(fds) != 1 or count != 1:
                 raise FrameError("stream record with %d descriptors" % len(fds))
-        elif fds or kind not in (KIND_INLINE, KIND_BATCH, KIND_PARTS) or count < 1:
+        elif fds or kind not in (KIND_INLINE, KIND_BATCH, KIND_PARTS, KIND_LIST) or count < 1:
             raise FrameError("bad queue record (kind %d, count %d)" % (kind, count))
         return kind, count
 
@@ -1135,6 +1157,10 @@ class Queue:
         for length in lengths:
             items.append(_loads(buf[at : at + length]))
             at += length
+        self._deliver(items, out, want)
+
+    def _deliver(self, items: list[Any], out: list[Any], want: int) -> None:
+        """Hand ``want`` items to the caller; this process keeps the rest."""
         take = want - len(out)
         out.extend(items[:take])
         if len(items) > take:
