@@ -24,7 +24,7 @@ from bigipc._errors import (
 )
 from bigipc._version import __version__
 from bigipc.connection import Connection, Pipe, wait
-from bigipc.queues import JoinableQueue, Queue, SimpleQueue
+from bigipc.queues import JoinableQueue, Queue, QueueClosedError, SimpleQueue
 
 __all__ = [
     "IMPLEMENTATION",
@@ -36,6 +36,7 @@ __all__ = [
     "MultipartMessageError",
     "Pipe",
     "Queue",
+    "QueueClosedError",
     "SimpleQueue",
     "TruncatedMessageError",
     "__version__",

@@ -240,6 +240,11 @@ class _Record:
             self.writer = None
 
 
+def _reducer_count() -> int:
+    # Reducers registered with multiprocessing.reduction.register().
+    return len(getattr(_reduction.ForkingPickler, "_extra_reducers", ()))
+
+
 class _Pickling(threading.local):
     """A ForkingPickler kept per thread and reused: building one copies the
     whole copyreg dispatch table, which costs more than pickling a small
@@ -262,13 +267,13 @@ class _Pickling(threading.local):
             return False
 
         self.pickler = _reduction.ForkingPickler(self.out, 5, True, callback)
-        self.reducers = len(_reduction.ForkingPickler._extra_reducers)
+        self.reducers = _reducer_count()
 
     def dumps(self, obj: Any) -> tuple[Any, list[memoryview]]:
         """(pickle, out-of-band buffers), as connection._dumps gives."""
         if self.busy:  # pickling obj put something on a queue: no reuse
             return _dumps(obj, OUT_OF_BAND_THRESHOLD)
-        if self.reducers != len(_reduction.ForkingPickler._extra_reducers):
+        if self.reducers != _reducer_count():
             self._build()
         # A large top-level bytes goes out of band as a PickleBuffer and
         # comes back as bytes. (A bytearray pickles itself out of band.)
@@ -636,13 +641,20 @@ class Queue:
             if not buffers and _RECORD.size + len(data) <= self._inline_limit:
                 with self._lock:
                     if self._slot >= 0 and not self._backlog:
+                        # Pending first: a consumer may take the item before
+                        # this thread counts it as put.
+                        at = self._slot_at
+                        counters = self._counters
+                        counters[at + _RESERVED] += 1
                         try:
                             self._wsock.send(_INLINE_HEADER + data, _DONTWAIT)
                         except OSError as exc:
+                            counters[at + _RESERVED] -= 1
                             if exc.errno not in _NO_ROOM:
                                 raise
                         else:
-                            self._counters[self._slot_at + _PUTS] += 1
+                            counters[at + _PUTS] += 1
+                            counters[at + _RESERVED] -= 1
                             return
                 rec = _Record(KIND_INLINE, 1)
                 rec.parts = [_INLINE_HEADER, data]
@@ -923,7 +935,8 @@ class Queue:
                     self._counters[_F_WAITERS] -= 1
 
     def _occupancy(self) -> int:
-        return self._sum(_PUTS) - self._sum(_GETS) + self._sum(_RESERVED)
+        pending = self._sum(_RESERVED)  # before put: see _unfinished
+        return self._sum(_PUTS) - self._sum(_GETS) + pending
 
     def _reclaim_dead(self) -> bool:
         """Drop the pending counts of processes that died holding them.
@@ -1078,7 +1091,7 @@ class Queue:
         except BaseException:
             _close_fds(fds)
             raise
-        self._count_gets(count)
+        self._count_gets(1 if kind == KIND_PARTS else count)  # parts: one item
         if kind == KIND_INLINE:
             out.append(_loads(buf[_RECORD.size : n]))
         elif kind == KIND_BATCH:
@@ -1175,6 +1188,15 @@ class Queue:
             message = ch.recv_message(timeout=_remaining(deadline))
         except (EOFError, FrameError):
             ch.close()
+            if self._joinable:
+                # Its producer died before finishing it: nobody will ever
+                # mark it done, so count it done here, or join() would wait
+                # for it for good.
+                with self._lock:
+                    self._ensure_process()
+                    with self._bound_lock():
+                        self._add(_DONE, 1)
+                self._ring()
             return False
         except TimeoutError:
             with self._rlock:
@@ -1303,7 +1325,13 @@ class JoinableQueue(Queue):
             self._ring()
 
     def _unfinished(self) -> int:
-        return self._sum(_PUTS) + self._sum(_RESERVED) - self._sum(_DONE)
+        # Pending is read before put: producers move items from the one to
+        # the other without the bound lock. And never less than what
+        # consumers took: a producer killed between sending an item and
+        # counting it leaves "put" short.
+        done = self._sum(_DONE)
+        pending = self._sum(_RESERVED)
+        return max(self._sum(_PUTS) + pending, self._sum(_GETS)) - done
 
     def join(self, timeout: float | None = None) -> None:
         """Wait until every item put (by any process) has been marked done.
@@ -1341,7 +1369,8 @@ def _rebuild_queue(
         existing._owned_fds.extend(fds)  # closed with the queue
         return existing
     q = cls.__new__(cls)
-    q._setup(maxsize, token, inline_limit, *fds, [])
+    rfd, wfd, shm_fd, bell_r, bell_w = fds
+    q._setup(maxsize, token, inline_limit, rfd, wfd, shm_fd, bell_r, bell_w, [])
     q._joincancelled = joincancelled
     return q
 

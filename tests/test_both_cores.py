@@ -3,9 +3,11 @@
 bigipc picks its core once, at import (bigipc._backend), so the pure core
 cannot be swapped in within this process. When this process runs the
 compiled core, tests/test_connection.py, tests/test_cpython_suite.py and
-tests/test_queues.py are run again in a child pytest with
-BIGIPC_PUREPYTHON=1, under a bounded timeout, and must pass there too. (tests/test_core.py covers both cores in
-one process by itself.)
+the queue tests (tests/test_queues.py, tests/test_queue_kill.py,
+tests/test_queue_noshm.py) are run again in a child pytest with
+BIGIPC_PUREPYTHON=1, under a bounded timeout, and must pass there too;
+their child processes inherit the variable and run the pure core as well.
+(tests/test_core.py covers both cores in one process by itself.)
 """
 
 import os
@@ -20,7 +22,13 @@ import bigipc
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS_DIR)
-FILES = ["test_connection.py", "test_cpython_suite.py", "test_queues.py"]
+FILES = [
+    "test_connection.py",
+    "test_cpython_suite.py",
+    "test_queues.py",
+    "test_queue_kill.py",
+    "test_queue_noshm.py",
+]
 # Far above the few minutes the two files take on the pure core.
 SUBPROCESS_TIMEOUT = 1500
 

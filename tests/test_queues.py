@@ -661,3 +661,25 @@ def test_buffer_types_survive_the_trip(size):
     assert bytes(got[4]) == b"d" * size
     got[2][0] = 5  # the receiver's own memory
     assert a[0] == 0
+
+
+def test_counts_stay_exact_across_every_record_kind():
+    np = pytest.importorskip("numpy")
+    q = bigipc.JoinableQueue()
+    items = [b"a", b"b" * 70 * KiB, np.ones(300_000), np.ones(MiB), bytearray(3 * MiB)]
+    t = threading.Thread(target=lambda: [q.put(i) for i in items])
+    t.start()
+    for _ in items:
+        q.get(timeout=LONG)
+        q.task_done()
+    t.join(JOIN)
+    q.put_many([*list(range(10)), b"c" * 70 * KiB])
+    got = []
+    while len(got) < 11:
+        got += q.get_many(20, timeout=LONG)
+    for _ in got:
+        q.task_done()
+    assert q.qsize() == 0
+    q.join(timeout=LONG)
+    with pytest.raises(ValueError):
+        q.task_done()
