@@ -395,8 +395,9 @@ class Queue:
     ) -> None:
         self._maxsize = maxsize
         self._bounded = maxsize > 0
-        # put() may send an inline record straight away (unbounded Queue).
-        self._fast_put = not self._bounded and not self._blocking_put
+        # put() may send an inline record straight away (unbounded queues;
+        # a SimpleQueue whose socket is full then waits in _send_blocking).
+        self._fast_put = not self._bounded
         self._token = token
         self._inline_limit = inline_limit
         self._rsock = socket.socket(fileno=rfd)
