@@ -683,3 +683,18 @@ def test_counts_stay_exact_across_every_record_kind():
     q.join(timeout=LONG)
     with pytest.raises(ValueError):
         q.task_done()
+
+
+def test_without_memfd_the_shared_block_is_an_unlinked_temporary_file(monkeypatch, children):
+    # What macOS and other systems without memfd_create get.
+    monkeypatch.delattr(os, "memfd_create", raising=False)
+    q = bigipc.JoinableQueue(maxsize=3)
+    target = os.readlink("/proc/self/fd/%d" % q._shm_fd) if os.path.isdir("/proc/self/fd") else ""
+    assert "memfd" not in target and "/dev/shm" not in target
+    for i in range(3):
+        q.put(i)
+    assert q.qsize() == 3 and q.full()
+    proc = children.start("fork", kids.task_worker, q, 3)
+    q.join(timeout=JOIN)
+    children.finish(proc)
+    assert q.qsize() == 0 and not q.full()
