@@ -433,8 +433,8 @@ def test_a_signal_handler_that_raises_mid_item_loses_nothing(children):
 
     old = signal.signal(signal.SIGALRM, handler)
     try:
-        signal.setitimer(signal.ITIMER_REAL, 0.3)
         with pytest.raises(Interrupted):
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
             q.get(timeout=LONG)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
@@ -457,8 +457,8 @@ def test_a_signal_during_a_blocking_get_on_an_empty_queue():
 
     old = signal.signal(signal.SIGALRM, handler)
     try:
-        signal.setitimer(signal.ITIMER_REAL, 0.1)
         with pytest.raises(Interrupted):
+            signal.setitimer(signal.ITIMER_REAL, 0.1)
             q.get(timeout=LONG)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
