@@ -849,10 +849,16 @@ class Queue:
             traceback.print_exc()
         finally:
             with self._lock:
-                if self._feeder is threading.current_thread():
-                    self._feeder = None
-                    _close_fds([self._wake_r, self._wake_w])
-                    self._wake_r = self._wake_w = -1
+                self._retire_feeder()
+
+    def _retire_feeder(self) -> None:
+        """Called with self._lock held by the feeder as it exits. Done in
+        the same locked section that saw no work left: a put() that comes
+        after it finds no feeder and starts a new one."""
+        if self._feeder is threading.current_thread():
+            self._feeder = None
+            _close_fds([self._wake_r, self._wake_w])
+            self._wake_r = self._wake_w = -1
 
     def _feed_loop(self) -> None:
         """Send the backlog in order and finish the item pipes, waiting on
@@ -875,6 +881,7 @@ class Queue:
                     self._backlog.popleft()
                 flushing = list(self._flushing)
                 if not self._backlog and not flushing:
+                    self._retire_feeder()
                     return
                 wake = self._wake_r
             waiting = []

@@ -698,3 +698,18 @@ def test_without_memfd_the_shared_block_is_an_unlinked_temporary_file(monkeypatc
     q.join(timeout=JOIN)
     children.finish(proc)
     assert q.qsize() == 0 and not q.full()
+
+
+def test_a_feeder_that_goes_idle_never_strands_later_items():
+    # The feeder exits when it has nothing left; puts racing with its exit
+    # must either reach it or start a new one. Large items (a pipe each,
+    # most of it left to the feeder) start and stop it on every round.
+    q = bigipc.Queue()
+    size = q.inline_limit + MiB
+    for round_ in range(100):
+        t = threading.Thread(target=lambda r=round_: [q.put(item(r, s, size)) for s in range(2)])
+        t.start()
+        got = drain(q, 2)
+        t.join(JOIN)
+        assert [(g[0], g[1]) for g in got] == [(round_, 0), (round_, 1)]
+    assert all(check(g) for g in got)
