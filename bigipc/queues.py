@@ -527,6 +527,8 @@ class Queue:
         self._counters[self._slot_at + field] += n
 
     def _sum(self, field: int) -> int:
+        if self._closed and not self._finalizer.still_active():
+            raise QueueClosedError("Queue %r is closed" % self)
         c = self._counters
         high = c[_F_HIGH]
         start = _SLOTS_AT + field
@@ -1260,7 +1262,8 @@ class Queue:
     def close(self) -> None:
         """No more puts or gets from this process. The feeder still hands
         over what it holds, then exits. The queue's descriptors close when
-        this process's queue object goes away (or at exit)."""
+        this process's queue object goes away, or at once when this process
+        has no feeder running (then ``qsize()`` raises too)."""
         if self._closed:
             return
         self._closed = True

@@ -713,3 +713,13 @@ def test_a_feeder_that_goes_idle_never_strands_later_items():
         t.join(JOIN)
         assert [(g[0], g[1]) for g in got] == [(round_, 0), (round_, 1)]
     assert all(check(g) for g in got)
+
+
+def test_state_queries_on_a_closed_queue(qclass):
+    q = make(qclass)
+    q.close()
+    for call in (q.qsize, lambda: q.put_nowait(1), q.get_nowait):
+        with pytest.raises(bigipc.QueueClosedError, match="closed"):
+            call()
+    assert issubclass(bigipc.QueueClosedError, ValueError)
+    assert issubclass(bigipc.QueueClosedError, OSError)
