@@ -44,6 +44,20 @@ class _Writable(Protocol):
     def write(self, data: memoryview, /) -> object: ...
 
 
+def _out_of_band(buffers: list[memoryview], threshold: int) -> Callable[[pickle.PickleBuffer], bool]:
+    """A pickler ``buffer_callback`` that appends buffers of at least
+    ``threshold`` bytes to ``buffers`` (out of band) and keeps the rest in band."""
+
+    def callback(buffer: pickle.PickleBuffer) -> bool:
+        view = buffer.raw()
+        if view.nbytes < threshold:
+            return True  # in band
+        buffers.append(view)
+        return False
+
+    return callback
+
+
 def _dumps(obj: Any, threshold: int | None) -> tuple[memoryview, list[memoryview]]:
     """Pickle ``obj``; return (pickle data, out-of-band buffers)."""
     buffers: list[memoryview] = []
@@ -56,12 +70,7 @@ def _dumps(obj: Any, threshold: int | None) -> tuple[memoryview, list[memoryview
         if (type(obj) is bytes or type(obj) is bytearray) and len(obj) >= threshold:
             obj = pickle.PickleBuffer(obj)
 
-        def callback(buffer: pickle.PickleBuffer) -> bool:
-            view = buffer.raw()
-            if view.nbytes < threshold:
-                return True  # in band
-            buffers.append(view)
-            return False
+        callback = _out_of_band(buffers, threshold)
 
     out = io.BytesIO()
     # ForkingPickler passes only positional arguments on to the Pickler:

@@ -74,7 +74,7 @@ from typing import Any, Callable
 from bigipc import _platform
 from bigipc._backend import Channel
 from bigipc._errors import FrameError
-from bigipc.connection import OUT_OF_BAND_THRESHOLD, _dumps, _loads
+from bigipc.connection import OUT_OF_BAND_THRESHOLD, _dumps, _loads, _out_of_band
 
 __all__ = ["JoinableQueue", "Queue", "QueueClosedError", "SimpleQueue"]
 
@@ -257,15 +257,7 @@ class _Pickling(threading.local):
     def _build(self) -> None:
         self.out = io.BytesIO()
         self.buffers: list[memoryview] = []
-        buffers = self.buffers
-
-        def callback(buffer: pickle.PickleBuffer) -> bool:
-            view = buffer.raw()
-            if view.nbytes < OUT_OF_BAND_THRESHOLD:
-                return True  # in band
-            buffers.append(view)
-            return False
-
+        callback = _out_of_band(self.buffers, OUT_OF_BAND_THRESHOLD)
         self.pickler = _reduction.ForkingPickler(self.out, 5, True, callback)
         self.reducers = _reducer_count()
 

@@ -9,6 +9,7 @@ campaign is tests/test_queue_kill.py, the no-/dev/shm proof
 tests/test_queue_noshm.py.
 """
 
+import contextlib
 import gc
 import multiprocessing
 import os
@@ -91,6 +92,28 @@ def make(qclass, maxsize=0):
     if qclass is bigipc.SimpleQueue:
         return qclass()
     return qclass(maxsize)
+
+
+class Interrupted(Exception):
+    """What the test SIGALRM handler raises (a KeyboardInterrupt stand-in)."""
+
+
+@contextlib.contextmanager
+def alarm_raises_after(seconds):
+    """Expect ``Interrupted`` from the body: a SIGALRM handler raises it
+    ``seconds`` after the body starts."""
+
+    def handler(signum, frame):
+        raise Interrupted
+
+    old = signal.signal(signal.SIGALRM, handler)
+    try:
+        with pytest.raises(Interrupted):
+            signal.setitimer(signal.ITIMER_REAL, seconds)
+            yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def drain(q, n, timeout=LONG):
@@ -424,21 +447,10 @@ def test_a_signal_handler_that_raises_mid_item_loses_nothing(children):
     proc = children.start("fork", kids.put_then_wait, q, 32 * MiB, ready_w, go_r)
     assert ready_r.recv(timeout=LONG) == "put"
     os.kill(proc.pid, signal.SIGSTOP)
-
-    class Interrupted(Exception):
-        pass
-
-    def handler(signum, frame):
-        raise Interrupted
-
-    old = signal.signal(signal.SIGALRM, handler)
     try:
-        with pytest.raises(Interrupted):
-            signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with alarm_raises_after(0.3):
             q.get(timeout=LONG)
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
         os.kill(proc.pid, signal.SIGCONT)
     got = q.get(timeout=LONG)
     assert len(got[2]) == 32 * MiB and check(got)
@@ -449,20 +461,8 @@ def test_a_signal_handler_that_raises_mid_item_loses_nothing(children):
 def test_a_signal_during_a_blocking_get_on_an_empty_queue():
     q = bigipc.Queue()
 
-    class Interrupted(Exception):
-        pass
-
-    def handler(signum, frame):
-        raise Interrupted
-
-    old = signal.signal(signal.SIGALRM, handler)
-    try:
-        with pytest.raises(Interrupted):
-            signal.setitimer(signal.ITIMER_REAL, 0.1)
-            q.get(timeout=LONG)
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+    with alarm_raises_after(0.1):
+        q.get(timeout=LONG)
     q.put("still works")
     assert q.get(timeout=LONG) == "still works"
 
