@@ -49,6 +49,9 @@ MULTIPART_HEADER: int
 MAX_SHORT_LENGTH: int
 # Most parts a multipart message may have.
 MAX_PARTS: int
+# True when send_bytes may hand large bytes objects to a pipe by page
+# reference (vmsplice; Linux, compiled core, BIGIPC_VMSPLICE not "0").
+VMSPLICE: bool
 
 class Channel:
     """One end of a framed byte stream; owns its file descriptor.
@@ -94,6 +97,10 @@ class Channel:
     @property
     def send_pending(self) -> int:
         """Bytes (header included) of a timed-out send still to be written."""
+    @property
+    def spliced_bytes(self) -> int:
+        """Payload bytes this end has sent into its pipe by page reference
+        (vmsplice) instead of by copy; 0 where that is not used."""
     @property
     def recv_in_progress(self) -> bool:
         """True while a partly received message is held for the next receive."""

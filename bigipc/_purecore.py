@@ -56,12 +56,14 @@ from bigipc._errors import (
     TruncatedMessageError,
 )
 
-__all__ = ["LONG_HEADER", "MAX_PARTS", "MAX_SHORT_LENGTH", "MULTIPART_HEADER", "Channel"]
+__all__ = ["LONG_HEADER", "MAX_PARTS", "MAX_SHORT_LENGTH", "MULTIPART_HEADER", "VMSPLICE", "Channel"]
 
 LONG_HEADER = -1
 MULTIPART_HEADER = -2
 MAX_SHORT_LENGTH = 2**31 - 1
 MAX_PARTS = 1 << 16
+# Python has no vmsplice: this core always copies payloads into the kernel.
+VMSPLICE = False
 
 _SHORT_HEADER = struct.Struct("!i")
 _LONG_LENGTH = struct.Struct("!Q")
@@ -563,6 +565,11 @@ class Channel:
     @max_message_size.setter
     def max_message_size(self, value: int | None) -> None:
         self._max_message_size = _check_max_message_size(value)
+
+    @property
+    def spliced_bytes(self) -> int:
+        """Always 0: this core sends every byte by copy."""
+        return 0
 
     @property
     def send_pending(self) -> int:

@@ -33,6 +33,15 @@ DEF _IOV_BATCH = 64
 DEF _HUGE_PAGE_THRESHOLD = 4 << 20
 # Most bytes recv_many reads in one system call.
 DEF _MAX_BATCH_READ = 1 << 20
+# send_bytes of an exact bytes object into a pipe hands the pages of all but
+# the last pipe-capacity bytes to the pipe by reference (vmsplice) when at
+# least this much would go that way (docs/protocol.md, "vmsplice").
+DEF _SPLICE_MIN = 256 << 10
+
+import os as _os
+# BIGIPC_VMSPLICE=0 turns page-reference sends off (every byte is copied).
+cdef bint _splice_enabled = bool(BIGIPC_HAVE_VMSPLICE) and _os.environ.get("BIGIPC_VMSPLICE", "1") != "0"
+VMSPLICE = _splice_enabled
 
 
 cdef inline void _pack_u32(uint8_t *out, uint32_t value) noexcept nogil:
@@ -91,6 +100,11 @@ cdef class Channel:
     # Rest of a message whose send was interrupted: a list of
     # [bytes, start, end] still to write, in order.
     cdef list _pending
+
+    # vmsplice (pipes only): whether send_bytes may use it on this fd, and
+    # how many payload bytes went to the pipe by reference so far.
+    cdef bint _can_splice
+    cdef unsigned long long _spliced
 
     # State of the message being received, kept across interrupted calls.
     # _header holds the fixed header bytes read so far (_header_need of
@@ -165,6 +179,7 @@ cdef class Channel:
         self._readable = readable
         self._writable = writable
         self._pending = []
+        self._can_splice = _splice_enabled and writable and not self._is_socket
         self._reset_recv_state()
         self._recv_failure = None
         self._fd = fd
@@ -219,6 +234,10 @@ cdef class Channel:
         for entry in self._pending:
             total += <Py_ssize_t>entry[2] - <Py_ssize_t>entry[1]
         return total
+
+    @property
+    def spliced_bytes(self):
+        return self._spliced
 
     @property
     def recv_in_progress(self):
@@ -329,12 +348,17 @@ cdef class Channel:
         return rc
 
     cdef int _write_all(self, iovec *iov, Py_ssize_t count, Py_ssize_t *first,
-                        Py_ssize_t *written, double deadline) except -1:
+                        Py_ssize_t *written, double deadline,
+                        Py_ssize_t splice_index=-1) except -1:
         """Write iov[first[0]:count] completely, advancing the entries in
         place so that, on an exception, they describe exactly the unsent rest.
+
+        iov[splice_index] (if >= 0) goes to the pipe by page reference
+        (vmsplice); see send_bytes for when that is safe.
         """
-        cdef Py_ssize_t rc, i
+        cdef Py_ssize_t rc, i, limit
         cdef int err = 0
+        cdef size_t chunk
         while True:
             i = first[0]
             while i < count and iov[i].iov_len == 0:
@@ -342,8 +366,25 @@ cdef class Channel:
             first[0] = i
             if i >= count:
                 return 0
-            with nogil:
-                rc = self._write_some(iov + i, count - i, &err)
+            if i == splice_index:
+                chunk = iov[i].iov_len if iov[i].iov_len < _MAX_IO else _MAX_IO
+                with nogil:
+                    rc = bigipc_vmsplice(self._fd, iov[i].iov_base, chunk)
+                    if rc < 0:
+                        err = errno
+                if rc > 0:
+                    self._spliced += <unsigned long long>rc
+                elif rc < 0 and err != EAGAIN and err != EINTR:
+                    # Not possible on this descriptor after all (ENOSYS,
+                    # EINVAL, EBADF...): copy the rest as usual. A real
+                    # write error shows up on that write.
+                    self._can_splice = False
+                    splice_index = -1
+                    continue
+            else:
+                limit = count if splice_index < i else splice_index
+                with nogil:
+                    rc = self._write_some(iov + i, limit - i, &err)
             if rc > 0:
                 written[0] += rc
                 while rc > 0:
@@ -400,17 +441,19 @@ cdef class Channel:
             PyMem_Free(iov)
         return 0
 
-    cdef int _send_frame(self, iovec *iov, Py_ssize_t count, object keep, double deadline) except -1:
+    cdef int _send_frame(self, iovec *iov, Py_ssize_t count, object keep, double deadline,
+                         Py_ssize_t splice_index=-1) except -1:
         """Send one frame: iov[0] is its header, iov[1:count] the payload.
 
         Anything pending from an interrupted send goes first. ``keep`` is an
-        immutable bytes object iov[1] points into (or None): if the send is
-        interrupted it is held instead of copied.
+        immutable bytes object the payload entries point into (or None): if
+        the send is interrupted it is held instead of copied. iov[splice_index]
+        may go to the pipe by reference (see _write_all).
         """
         cdef Py_ssize_t first = 0, written = 0
         self._flush(deadline)
         try:
-            self._write_all(iov, count, &first, &written, deadline)
+            self._write_all(iov, count, &first, &written, deadline, splice_index)
         except BaseException as exc:
             if written > 0:
                 self._save_rest(iov, count, first, keep)
@@ -429,7 +472,7 @@ cdef class Channel:
         for i in range(first, count):
             if iov[i].iov_len == 0:
                 continue
-            if i == 1 and keep is not None:
+            if i >= 1 and keep is not None:
                 base = PyBytes_AS_STRING(keep)
                 rest.append([keep, <char *>iov[i].iov_base - base,
                              <char *>iov[i].iov_base - base + <Py_ssize_t>iov[i].iov_len])
@@ -442,8 +485,9 @@ cdef class Channel:
     def send_bytes(self, data, Py_ssize_t offset=0, size=None, *, timeout=None):
         """Send ``data[offset:offset+size]`` (bytes) as one message."""
         cdef Py_buffer view
-        cdef Py_ssize_t n
-        cdef iovec iov[2]
+        cdef Py_ssize_t n, capacity, splice_index = -1
+        cdef int count = 2
+        cdef iovec iov[3]
         cdef uint8_t header[12]
         cdef double deadline
         cdef object keep = None
@@ -470,7 +514,25 @@ cdef class Channel:
             deadline = _deadline(timeout)
             self._lock(True, deadline)
             try:
-                self._send_frame(iov, 2, keep, deadline)
+                n = <Py_ssize_t>iov[1].iov_len
+                if keep is not None and self._can_splice and n > _SPLICE_MIN:
+                    # All but the last `capacity` bytes go by reference; those
+                    # last ones are copied. Once they are all in, the reader
+                    # has taken every referenced page (the pipe holds no more
+                    # than `capacity` bytes, in order), so no reference to
+                    # `data` outlives a completed send. An interrupted one
+                    # keeps `data` itself in _pending until its rest is
+                    # written (or the frame is abandoned by close()).
+                    capacity = bigipc_pipe_capacity(self._fd)
+                    if capacity > 0 and n - capacity >= _SPLICE_MIN:
+                        iov[2].iov_base = <char *>iov[1].iov_base + (n - capacity)
+                        iov[2].iov_len = <size_t>capacity
+                        iov[1].iov_len = <size_t>(n - capacity)
+                        splice_index = 1
+                        count = 3
+                    elif capacity <= 0:
+                        self._can_splice = False
+                self._send_frame(iov, count, keep, deadline, splice_index)
             finally:
                 self._unlock(True)
         finally:

@@ -87,6 +87,34 @@ cdef extern from *:
         (void)start; (void)size;
     #endif
     }
+    /* Zero-copy sends into a pipe (Linux). vmsplice() without
+       SPLICE_F_GIFT makes the pipe refer to the caller's pages instead of
+       copying them; bigipc only does this under the rules written in
+       docs/protocol.md ("Sending large bytes into a pipe: vmsplice"). */
+    #include <fcntl.h>
+    #include <sys/uio.h>
+    #if defined(__linux__) && defined(F_GETPIPE_SZ) && defined(SPLICE_F_NONBLOCK)
+    #include <sys/ioctl.h>
+    #define BIGIPC_HAVE_VMSPLICE 1
+    static int bigipc_pipe_capacity(int fd) { return fcntl(fd, F_GETPIPE_SZ); }
+    static ssize_t bigipc_vmsplice(int fd, void *base, size_t size) {
+        struct iovec part;
+        part.iov_base = base;
+        part.iov_len = size;
+        return vmsplice(fd, &part, 1, SPLICE_F_NONBLOCK);
+    }
+    static long bigipc_queued(int fd) {
+        int queued = 0;
+        return ioctl(fd, FIONREAD, &queued) == 0 ? (long)queued : -1L;
+    }
+    #else
+    #define BIGIPC_HAVE_VMSPLICE 0
+    static int bigipc_pipe_capacity(int fd) { (void)fd; errno = ENOSYS; return -1; }
+    static ssize_t bigipc_vmsplice(int fd, void *base, size_t size) {
+        (void)fd; (void)base; (void)size; errno = ENOSYS; return -1;
+    }
+    static long bigipc_queued(int fd) { (void)fd; return -1L; }
+    #endif
     #include <limits.h>
     #include <errno.h>
     #ifndef IOV_MAX
@@ -95,6 +123,10 @@ cdef extern from *:
     """
     int MSG_NOSIGNAL
     void bigipc_advise_huge(char *start, Py_ssize_t size) nogil
+    int BIGIPC_HAVE_VMSPLICE
+    int bigipc_pipe_capacity(int fd) nogil
+    ssize_t bigipc_vmsplice(int fd, void *base, size_t size) nogil
+    long bigipc_queued(int fd) nogil
     int BIGIPC_SO_NOSIGPIPE
     int SOL_SOCKET
     int setsockopt(int fd, int level, int name, const void *value, unsigned int length)
