@@ -472,3 +472,34 @@ def detach_and_exit(conn):
     """Take the raw descriptor out of an inherited Connection, then exit."""
     fd = conn.detach()
     os.close(fd)
+
+
+# --------------------------------------------------------------------------
+# tests/test_vmsplice.py
+
+
+def seeded_payload(seed, size):
+    """Deterministic bytes, different for every seed, freshly allocated."""
+    import random
+
+    return random.Random(seed).randbytes(size)
+
+
+def slow_reader(conn, seeds, size, results):
+    """Take each message late, so the sender has long returned and reused
+    its memory; report which ones arrived exactly."""
+    ok = []
+    for seed in seeds:
+        time.sleep(0.02)
+        got = conn.recv_bytes(timeout=CHILD_WAIT)
+        ok.append(digest(got) == digest(seeded_payload(seed, size)))
+    results.send(ok)
+
+
+def stdlib_reader(fd, size, seed, results):
+    """Read one message from ``fd`` with the stdlib's Connection."""
+    conn = multiprocessing.connection.Connection(fd, writable=False)
+    if not conn.poll(CHILD_WAIT):
+        results.send("nothing arrived")
+        return
+    results.send(conn.recv_bytes() == seeded_payload(seed, size))

@@ -17,10 +17,8 @@ keep its pages).
 """
 
 import fcntl
-import hashlib
 import multiprocessing
 import os
-import random
 import subprocess
 import sys
 import threading
@@ -33,6 +31,7 @@ from bigipc import TruncatedMessageError
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _children
+from _children import seeded_payload as payload
 
 _children.make_importable_in_children()
 
@@ -52,11 +51,6 @@ WAIT = 60.0
 
 def capacity(conn):
     return fcntl.fcntl(conn.fileno(), F_GETPIPE_SZ)
-
-
-def payload(seed, size):
-    """Deterministic bytes, different for every seed, built on the heap."""
-    return random.Random(seed).randbytes(size)
 
 
 def raise_mmap_threshold():
@@ -212,7 +206,7 @@ def test_an_offset_slice_of_bytes_is_spliced_and_exact(simplex):
     assert writer.spliced_bytes == 4 * MiB + 7 - capacity(writer)
 
 
-def test_switch_off_with_environment_variable():
+def test_switch_off_with_environment_variable(tmp_path):
     code = (
         "import bigipc, bigipc._core as c, threading\n"
         "r, w = bigipc.Pipe(duplex=False)\n"
@@ -221,8 +215,13 @@ def test_switch_off_with_environment_variable():
         "w.send_bytes(d, timeout=30); t.join(30)\n"
         "print(c.VMSPLICE, w.spliced_bytes)\n"
     )
-    env = dict(os.environ, BIGIPC_VMSPLICE="0")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=WAIT)
+    # The copy of bigipc under test, whether installed or in a source tree
+    # (the child's working directory is empty, so nothing else is found).
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(bigipc.__file__)))
+    env = dict(os.environ, BIGIPC_VMSPLICE="0", PYTHONPATH=package_root)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=WAIT
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "False", "0"]
 
@@ -230,24 +229,11 @@ def test_switch_off_with_environment_variable():
 # ------------------------------------------------------- memory reuse is safe
 
 
-def _slow_reader(conn, seeds, size, results):
-    """Child: take each message late, so the sender has long returned and
-    reused its memory; report which ones arrived exactly."""
-    import time
-
-    ok = []
-    for seed in seeds:
-        time.sleep(0.02)
-        got = conn.recv_bytes(timeout=WAIT)
-        ok.append(hashlib.sha256(got).digest() == hashlib.sha256(payload(seed, size)).digest())
-    results.send(ok)
-
-
 @pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])
 def test_reused_memory_after_send_never_reaches_a_lagging_reader(start_method):
     size = 6 * MiB
     seeds = list(range(10, 22))
-    with reader_child(start_method, _slow_reader, seeds, size) as (writer, results):
+    with reader_child(start_method, _children.slow_reader, seeds, size) as (writer, results):
         raise_mmap_threshold()
         for seed in seeds:
             data = payload(seed, size)
@@ -332,20 +318,9 @@ def test_closing_and_freeing_right_after_a_send_keeps_the_message_exact(simplex)
     assert got == payload(33, size)
 
 
-def _stdlib_reader(fd, size, seed, results):
-    from multiprocessing.connection import Connection
-
-    conn = Connection(fd, writable=False)
-    if not conn.poll(WAIT):
-        results.send("nothing arrived")
-        return
-    got = conn.recv_bytes()
-    results.send(got == payload(seed, size))
-
-
 def test_a_stdlib_reader_gets_spliced_messages_exactly():
     size = 5 * MiB
-    with reader_child("fork", _stdlib_reader, size, 40, as_fd=True) as (writer, results):
+    with reader_child("fork", _children.stdlib_reader, size, 40, as_fd=True) as (writer, results):
         writer.send_bytes(payload(40, size), timeout=WAIT)
         assert writer.spliced_bytes > 0
         assert results.recv(timeout=WAIT) is True
