@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import pickle
 import queue
+import select
 import signal
 import socket
 import sys
@@ -582,6 +583,57 @@ def test_fork_while_the_feeder_runs_sends_nothing_twice(children):
     assert [g[1] for g in got if g[0] == 2] == list(range(50))
     with pytest.raises(queue.Empty):
         q.get(timeout=SHORT)
+
+
+def test_a_closed_queue_does_not_keep_others_from_being_reset_in_a_forked_child():
+    # Every live queue is reset in a forked child by the at-fork hook. A
+    # queue closed earlier (its shared block already released) must not
+    # stop the hook before it reaches the others: a child left with the
+    # parent's process state (its feeder, its counter slot) could not hand
+    # its items over.
+    # Several of each: the hook meets them in no fixed order.
+    closed = [bigipc.Queue() for _ in range(4)]
+    for c in closed:
+        c.close()
+    live = [bigipc.Queue() for _ in range(4)]
+    q = live[0]
+    q.put("parent")
+    assert q.get(timeout=LONG) == "parent"
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(r)
+            fresh = all(x._pid == os.getpid() and x._feeder is None for x in live)
+            for i in range(3):
+                q.put(("child", i))
+            q.close()
+            q.join_thread()
+            os.write(w, b"ok" if fresh else b"stale")
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        got = [q.get(timeout=LONG) for _ in range(3)]
+        assert got == [("child", i) for i in range(3)]
+        ready, _, _ = select.select([r], [], [], LONG)
+        assert ready and os.read(r, 16) == b"ok"
+    finally:
+        os.close(r)
+        _reap(pid)
+    del closed
+
+
+def _reap(pid):
+    deadline = time.monotonic() + LONG
+    while time.monotonic() < deadline:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError("the forked child did not exit")
 
 
 # --------------------------------------------------------------------------
