@@ -94,7 +94,6 @@ cdef extern from *:
     #include <fcntl.h>
     #include <sys/uio.h>
     #if defined(__linux__) && defined(F_GETPIPE_SZ) && defined(SPLICE_F_NONBLOCK)
-    #include <sys/ioctl.h>
     #define BIGIPC_HAVE_VMSPLICE 1
     static int bigipc_pipe_capacity(int fd) { return fcntl(fd, F_GETPIPE_SZ); }
     static ssize_t bigipc_vmsplice(int fd, void *base, size_t size) {
@@ -103,17 +102,12 @@ cdef extern from *:
         part.iov_len = size;
         return vmsplice(fd, &part, 1, SPLICE_F_NONBLOCK);
     }
-    static long bigipc_queued(int fd) {
-        int queued = 0;
-        return ioctl(fd, FIONREAD, &queued) == 0 ? (long)queued : -1L;
-    }
     #else
     #define BIGIPC_HAVE_VMSPLICE 0
     static int bigipc_pipe_capacity(int fd) { (void)fd; errno = ENOSYS; return -1; }
     static ssize_t bigipc_vmsplice(int fd, void *base, size_t size) {
         (void)fd; (void)base; (void)size; errno = ENOSYS; return -1;
     }
-    static long bigipc_queued(int fd) { (void)fd; return -1L; }
     #endif
     #include <limits.h>
     #include <errno.h>
@@ -126,7 +120,6 @@ cdef extern from *:
     int BIGIPC_HAVE_VMSPLICE
     int bigipc_pipe_capacity(int fd) nogil
     ssize_t bigipc_vmsplice(int fd, void *base, size_t size) nogil
-    long bigipc_queued(int fd) nogil
     int BIGIPC_SO_NOSIGPIPE
     int SOL_SOCKET
     int setsockopt(int fd, int level, int name, const void *value, unsigned int length)
