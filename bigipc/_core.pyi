@@ -29,6 +29,7 @@ The same holds when a Python signal handler raises (``KeyboardInterrupt``)
 in the middle of a call. A handler that returns lets the call go on.
 """
 
+import socket
 from typing import Any
 
 from typing_extensions import TypeAlias
@@ -185,3 +186,44 @@ class Channel:
         """True when a receive can make progress now: data or end of file on
         the descriptor (or a broken stream whose error the receive reports).
         Never reads."""
+
+class QueueEnds:
+    """The per-item fast paths of ``bigipc.Queue``: the two ends of its
+    datagram socket pair and its shared counters (bigipc/queues.py owns all
+    three; this only uses them). ``header`` is the 8-byte inline record
+    header; ``puts``, ``gets`` and ``pending`` are the offsets of those
+    counters within a process's slot (int64 units). Every counter update
+    made through one QueueEnds (``add``, and the counting in ``send_inline``
+    and ``recv``) is atomic with respect to the others, in all threads. ``ValueError`` for a
+    header of another size or counters that are not writable int64."""
+
+    def __init__(
+        self,
+        recv_sock: socket.socket,
+        send_sock: socket.socket,
+        counters: WritableBuffer,
+        header: bytes,
+        puts: int,
+        gets: int,
+        pending: int,
+    ) -> None: ...
+    def add(self, index: int, delta: int) -> int:
+        """Add ``delta`` to the counter at ``index`` (int64 units); return
+        the new value. ``ValueError`` for an index out of range."""
+    def send_inline(self, slot_at: int, data: ReadableBuffer) -> bool:
+        """Send ``header + data`` as one datagram if the socket takes it now,
+        without blocking: True when sent (counted as put; pending while in
+        flight), False when the socket has no room (nothing counted).
+        ``slot_at`` is the start of the caller's slot. Other errors raise
+        ``OSError``. The caller keeps its own threads from interleaving
+        sends with its other bookkeeping."""
+    def recv(self, buffer: WritableBuffer, slot_at: int, wait: bool) -> int | tuple[int, list[int], int]:
+        """Receive one datagram into ``buffer``, waiting for it if ``wait``
+        (with the GIL released). An inline record (the header, no
+        descriptors, not truncated) is counted as a get in the slot at
+        ``slot_at`` and its length returned. -1: nothing there and ``wait``
+        is false. Any other datagram is returned, uncounted, as
+        ``(length, descriptors, flags)``; the
+        descriptors it carried (close-on-exec where the system allows) now
+        belong to the caller. A signal handler that raises interrupts a wait
+        with nothing received."""

@@ -30,7 +30,9 @@ state here ever needs two stores to stay valid:
 
 from __future__ import annotations
 
+import array
 import contextlib
+import errno
 import fcntl
 import math
 import operator
@@ -56,7 +58,15 @@ from bigipc._errors import (
     TruncatedMessageError,
 )
 
-__all__ = ["LONG_HEADER", "MAX_PARTS", "MAX_SHORT_LENGTH", "MULTIPART_HEADER", "VMSPLICE", "Channel"]
+__all__ = [
+    "LONG_HEADER",
+    "MAX_PARTS",
+    "MAX_SHORT_LENGTH",
+    "MULTIPART_HEADER",
+    "VMSPLICE",
+    "Channel",
+    "QueueEnds",
+]
 
 LONG_HEADER = -1
 MULTIPART_HEADER = -2
@@ -1444,3 +1454,105 @@ class Channel:
         self._broken = error
         self._incoming = _Incoming()
         raise error
+
+
+# ---------------------------------------------------------------- QueueEnds
+
+_QUEUE_HEADER = 8
+_QUEUE_CONTROL = socket.CMSG_SPACE(8 * 4)  # room for 8 descriptors
+_QUEUE_RECV_WAIT = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+_QUEUE_RECV_NOW = _QUEUE_RECV_WAIT | socket.MSG_DONTWAIT
+_QUEUE_BAD_FLAGS = int(socket.MSG_TRUNC) | int(socket.MSG_CTRUNC)
+_QUEUE_NO_ROOM = frozenset(
+    {errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS, getattr(errno, "ETOOMANYREFS", -1)}
+)
+
+
+class QueueEnds:
+    """The two ends of a queue's socket pair and its shared counters: the
+    per-item fast paths of ``bigipc.Queue`` (see bigipc/_core.pyi)."""
+
+    def __init__(
+        self,
+        recv_sock: socket.socket,
+        send_sock: socket.socket,
+        counters: Any,
+        header: bytes,
+        puts: int,
+        gets: int,
+        pending: int,
+    ) -> None:
+        if len(header) != _QUEUE_HEADER:
+            raise ValueError("a queue record header is %d bytes" % _QUEUE_HEADER)
+        with memoryview(counters) as view:
+            if view.readonly or view.itemsize != 8 or view.nbytes % 8:
+                raise ValueError("counters must be a writable buffer of int64")
+        # The caller's object itself: no extra export of its memory, which
+        # its owner must be able to release.
+        self._recv_sock = recv_sock
+        self._send_sock = send_sock
+        self._counters = counters
+        self._header = bytes(header)
+        self._puts = puts
+        self._gets = gets
+        self._pending = pending
+        # Makes each counter update atomic among this process's threads, as
+        # the GIL does for the compiled core; never held across a wait.
+        self._update = threading.Lock()
+
+    def _check_slot(self, slot_at: int, width: int = 4) -> None:
+        if slot_at < 0 or slot_at + width > len(self._counters):
+            raise ValueError("counter index %d out of range" % slot_at)
+
+    def add(self, index: int, delta: int) -> int:
+        """Add ``delta`` to the counter at ``index``; return the new value.
+        Atomic with respect to the other counter updates made here."""
+        self._check_slot(index, 1)
+        with self._update:
+            value: int = self._counters[index] + delta
+            self._counters[index] = value
+        return value
+
+    def send_inline(self, slot_at: int, data: Any) -> bool:
+        """Send the header and ``data`` as one inline record if the socket
+        takes it now, counting it as put; False when it has no room."""
+        self._check_slot(slot_at)
+        record = self._header + bytes(data)
+        self.add(slot_at + self._pending, 1)
+        try:
+            self._send_sock.send(record, _SEND_FLAGS)
+        except OSError as exc:
+            self.add(slot_at + self._pending, -1)
+            if exc.errno in _QUEUE_NO_ROOM:
+                return False
+            raise
+        except BaseException:
+            self.add(slot_at + self._pending, -1)
+            raise
+        with self._update:
+            self._counters[slot_at + self._puts] += 1
+            self._counters[slot_at + self._pending] -= 1
+        return True
+
+    def recv(self, buffer: Any, slot_at: int, wait: bool) -> int | tuple[int, list[int], int]:
+        """Receive one record into ``buffer``: its length when it is an
+        inline record (counted as a get), -1 when none is there and ``wait``
+        is false, else ``(length, descriptors, flags)`` (not counted)."""
+        self._check_slot(slot_at)
+        try:
+            n, anc, flags, _ = self._recv_sock.recvmsg_into(
+                [buffer], _QUEUE_CONTROL, _QUEUE_RECV_WAIT if wait else _QUEUE_RECV_NOW
+            )
+        except BlockingIOError:
+            return -1
+        inline = not anc and not flags & _QUEUE_BAD_FLAGS and n >= _QUEUE_HEADER
+        if inline and memoryview(buffer)[:_QUEUE_HEADER] == self._header:
+            self.add(slot_at + self._gets, 1)
+            return n
+        fds: list[int] = []
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                numbers = array.array("i")
+                numbers.frombytes(data[: len(data) - len(data) % numbers.itemsize])
+                fds.extend(numbers)
+        return n, fds, flags

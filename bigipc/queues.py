@@ -72,9 +72,9 @@ from multiprocessing import util as _mp_util
 from typing import Any, Callable
 
 from bigipc import _platform
-from bigipc._backend import Channel
+from bigipc._backend import Channel, QueueEnds
 from bigipc._errors import FrameError
-from bigipc.connection import OUT_OF_BAND_THRESHOLD, _dumps, _loads, _out_of_band
+from bigipc.connection import _PROTOCOL, OUT_OF_BAND_THRESHOLD, _dumps, _loads, _out_of_band
 
 __all__ = ["JoinableQueue", "Queue", "QueueClosedError", "SimpleQueue"]
 
@@ -91,6 +91,7 @@ class QueueClosedError(OSError, ValueError):
 # --- record format (one datagram) -------------------------------------------
 # magic "BQ", format version, record kind, item count; big-endian.
 _RECORD = struct.Struct("!2sBBI")
+_RECORD_SIZE = _RECORD.size
 _MAGIC = b"BQ"
 _VERSION = 1
 KIND_INLINE = 1  # one pickle follows the header
@@ -102,7 +103,6 @@ _READONLY = 1 << 31  # in a part length: the part was a read-only buffer (bytes)
 _ALIGN = 64
 _LENGTH = struct.Struct("!I")
 _INLINE_HEADER = _RECORD.pack(_MAGIC, _VERSION, KIND_INLINE, 1)
-_getpid = os.getpid
 
 # Largest record a queue sends as one datagram: a quarter of the socket's
 # send buffer, at most this. A datagram of 1 MiB moves at 6.8 GB/s between
@@ -120,8 +120,8 @@ _SHM_MAGIC = b"bigipcQ1"
 _F_HIGH = 3  # one past the highest slot ever claimed
 _F_WAITERS = 4  # producers waiting for room (a hint for consumers)
 _SLOTS_AT = 8  # in int64 units: 64 bytes of header
-_SLOT_FIELDS = 4
-_PUTS, _GETS, _DONE, _RESERVED = range(_SLOT_FIELDS)
+_SLOT_FIELDS = 8
+_PUTS, _GETS, _DONE, _RESERVED = range(4)
 MAX_PROCESSES = 1024
 _SHM_SIZE = 8 * (_SLOTS_AT + _SLOT_FIELDS * MAX_PROCESSES)
 # Byte offsets of the POSIX record locks: far past the data.
@@ -136,10 +136,10 @@ _HEAL_AFTER = 0.05
 
 # Plain ints: the socket module's flag enums cost a microsecond per use.
 _DONTWAIT = int(socket.MSG_DONTWAIT)
-_RECV_FLAGS = _DONTWAIT | int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+# Received descriptors come close-on-exec where recvmsg can do it (Linux).
+_RECV_CLOEXEC = hasattr(socket, "MSG_CMSG_CLOEXEC")
 _BAD_FLAGS = int(socket.MSG_TRUNC) | int(socket.MSG_CTRUNC)
 _NO_ROOM = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS, getattr(errno, "ETOOMANYREFS", -1)})
-_FDS_SPACE = socket.CMSG_SPACE(8 * 4)
 
 
 def _deadline(block: bool, timeout: float | None) -> float | None:
@@ -245,6 +245,12 @@ def _reducer_count() -> int:
     return len(getattr(_reduction.ForkingPickler, "_extra_reducers", ()))
 
 
+# Exact types whose pickle no reducer can change (see _Pickling.dumps).
+_SCALARS = frozenset({str, int, float, bool, complex, type(None)})
+_plain_dumps = pickle.dumps
+_NO_BUFFERS: list[memoryview] = []  # never changed: shared by every scalar put
+
+
 class _Pickling(threading.local):
     """A ForkingPickler kept per thread and reused: building one copies the
     whole copyreg dispatch table, which costs more than pickling a small
@@ -258,11 +264,17 @@ class _Pickling(threading.local):
         self.out = io.BytesIO()
         self.buffers: list[memoryview] = []
         callback = _out_of_band(self.buffers, OUT_OF_BAND_THRESHOLD)
-        self.pickler = _reduction.ForkingPickler(self.out, 5, True, callback)
+        self.pickler = _reduction.ForkingPickler(self.out, _PROTOCOL, True, callback)
         self.reducers = _reducer_count()
 
     def dumps(self, obj: Any) -> tuple[Any, list[memoryview]]:
         """(pickle, out-of-band buffers), as connection._dumps gives."""
+        kind = type(obj)
+        if kind in _SCALARS or (kind is bytes and len(obj) < OUT_OF_BAND_THRESHOLD):
+            # The pickler writes these built-in types itself, before any
+            # reducer is looked at: a plain pickle is byte for byte what the
+            # ForkingPickler would write, at a fraction of the cost.
+            return _plain_dumps(obj, _PROTOCOL), []
         if self.busy:  # pickling obj put something on a queue: no reuse
             return _dumps(obj, OUT_OF_BAND_THRESHOLD)
         if self.reducers != _reducer_count():
@@ -392,6 +404,7 @@ class Queue:
         self._fast_put = not self._bounded
         self._token = token
         self._inline_limit = inline_limit
+        self._inline_room = inline_limit - _RECORD_SIZE  # largest inline pickle
         self._rsock = socket.socket(fileno=rfd)
         self._wsock = socket.socket(fileno=wfd)
         self._shm_fd = shm_fd
@@ -416,12 +429,25 @@ class Queue:
         )
 
     def _reset_process_state(self) -> None:
-        """What belongs to one process: set up anew in a forked child."""
-        self._pid = os.getpid()
-        self._lock = threading.Lock()  # this process's counters and records
-        self._rlock = threading.Lock()  # this process's received-items state
+        """What belongs to one process: set up anew in a forked child.
+
+        ``_slot`` goes back to -1 first and ``_pid`` is set last: put() and
+        get() take the slow path, which checks the process, while ``_slot``
+        is negative, so a reset that fails half-way is retried (or raises)
+        on the next use instead of running on the parent's state."""
         self._slot = -1
         self._slot_at = -1
+        # Every change to this process's counters goes through _ends (their
+        # updates are atomic there); _lock orders them with the records. A
+        # queue closed and released before the fork has no counters left.
+        released = self._closed and not self._finalizer.still_active()
+        self._ends: Any = None
+        if not released:
+            self._ends = QueueEnds(
+                self._rsock, self._wsock, self._counters, _INLINE_HEADER, _PUTS, _GETS, _RESERVED
+            )
+        self._lock = threading.Lock()  # this process's counters and records
+        self._rlock = threading.Lock()  # this process's received-items state
         self._held: collections.deque[Any] = collections.deque()  # rest of a batch
         self._partials: collections.deque[Any] = collections.deque()  # timed-out streams
         self._tls = threading.local()
@@ -432,6 +458,7 @@ class Queue:
         self._feeder: threading.Thread | None = None
         self._wake_r = self._wake_w = -1
         self._jointhread: Any = None
+        self._pid = os.getpid()
 
     @staticmethod
     def _release(
@@ -516,7 +543,7 @@ class Queue:
 
     def _add(self, field: int, n: int) -> None:
         """Add to this process's own slot (self._lock held)."""
-        self._counters[self._slot_at + field] += n
+        self._ends.add(self._slot_at + field, n)
 
     def _sum(self, field: int) -> int:
         if self._closed and not self._finalizer.still_active():
@@ -540,10 +567,10 @@ class Queue:
     # -- checks --------------------------------------------------------------
 
     def _check_open(self) -> None:
-        if self._closed:
-            raise QueueClosedError("Queue %r is closed" % self)
         if self._pid != os.getpid():
             self._after_fork()
+        if self._closed:
+            raise QueueClosedError("Queue %r is closed" % self)
 
     # -- producing ----------------------------------------------------------
 
@@ -628,29 +655,23 @@ class Queue:
 
         Unbounded queues never block. A bounded queue waits for room (up to
         ``timeout``; ``queue.Full`` when there is none)."""
-        if self._closed or self._pid != _getpid():
+        if self._closed or self._slot < 0:  # closed, or this process's first put
             self._check_open()
         self._put_any = True
         if self._fast_put:
-            data, buffers = _pickling.dumps(obj)
-            if not buffers and _RECORD.size + len(data) <= self._inline_limit:
-                with self._lock:
-                    if self._slot >= 0 and not self._backlog:
-                        # Pending first: a consumer may take the item before
-                        # this thread counts it as put.
-                        at = self._slot_at
-                        counters = self._counters
-                        counters[at + _RESERVED] += 1
-                        try:
-                            self._wsock.send(_INLINE_HEADER + data, _DONTWAIT)
-                        except OSError as exc:
-                            counters[at + _RESERVED] -= 1
-                            if exc.errno not in _NO_ROOM:
-                                raise
-                        else:
-                            counters[at + _PUTS] += 1
-                            counters[at + _RESERVED] -= 1
-                            return
+            kind = type(obj)
+            if kind in _SCALARS or (kind is bytes and len(obj) < OUT_OF_BAND_THRESHOLD):
+                data, buffers = _plain_dumps(obj, _PROTOCOL), _NO_BUFFERS  # as _Pickling.dumps
+            else:
+                data, buffers = _pickling.dumps(obj)
+            if not buffers and len(data) <= self._inline_room:
+                lock = self._lock
+                lock.acquire()  # (cheaper than `with` on this per-item path)
+                try:
+                    if self._slot >= 0 and not self._backlog and self._ends.send_inline(self._slot_at, data):
+                        return
+                finally:
+                    lock.release()
                 rec = _Record(KIND_INLINE, 1)
                 rec.parts = [_INLINE_HEADER, data]
             else:
@@ -706,8 +727,12 @@ class Queue:
             rest = records[i:]
             for rec in rest:
                 rec.keep_contents()
+            idle = not self._backlog
             self._backlog.extend(rest)
-            self._start_feeder()
+            if idle or self._feeder is None:
+                # A feeder with a backlog already is sending it or waiting
+                # for room in the socket; it needs no wake-up per item.
+                self._start_feeder()
 
     def _drop_pending(self, records: list[_Record]) -> None:
         """Undo the pending count of records that will never be sent."""
@@ -989,30 +1014,37 @@ class Queue:
         ``timeout`` holds for the whole item: a large item only partly
         arrived when time runs out stays with this process, whole, and the
         next ``get`` here continues it."""
-        if self._closed or self._pid != _getpid():
+        if self._closed or self._slot < 0:  # closed, or this process's first get
             self._check_open()
         if not self._held and not self._partials:
-            # Fast path: an inline record already waiting.
-            buf = self._buffer()
-            try:
-                n, anc, flags, _ = self._rsock.recvmsg_into([buf], _FDS_SPACE, _RECV_FLAGS)
-            except BlockingIOError:
-                n = -1
-            if n >= 0:
-                if not anc and not flags and n >= _RECORD.size and buf[: _RECORD.size] == _INLINE_HEADER:
-                    self._count_gets(1)
-                    return _loads(buf[_RECORD.size : n])
-                return self._slow_record(buf, n, anc, flags, _deadline(block, timeout))
+            # Fast path: an inline record already waiting, or, with no time
+            # limit, the next one (the socket is blocking: the wait happens
+            # in recvmsg, with no poll and no EAGAIN round trip).
+            buf = getattr(self._tls, "buf", None) or self._buffer()
+            if self._slot < 0:
+                with self._lock:
+                    self._ensure_process()
+            got = self._ends.recv(buf, self._slot_at, block and timeout is None)
+            if isinstance(got, int):
+                if got >= 0:  # an inline record, counted as a get
+                    if self._counters[_F_WAITERS] > 0:
+                        self._ring()
+                    return _loads(buf[_RECORD_SIZE:got])
+            else:
+                n, fds, flags = got
+                return self._slow_record(buf, n, fds, flags, _deadline(block, timeout))
         deadline = _deadline(block, timeout)
         out: list[Any] = []
         self._collect(out, 1, deadline)
         return out[0]
 
-    def _slow_record(self, buf: memoryview, n: int, anc: Any, flags: int, deadline: float | None) -> Any:
+    def _slow_record(
+        self, buf: memoryview, n: int, fds: list[int], flags: int, deadline: float | None
+    ) -> Any:
         """get(): a record the fast path did not handle (a batch, a stream,
         or a bad one). Falls back to a normal receive if the item is lost."""
         out: list[Any] = []
-        if not self._handle(buf, n, anc, flags, out, 1, deadline):
+        if not self._handle(buf, n, fds, flags, out, 1, deadline):
             self._collect(out, 1, deadline)
         return out[0]
 
@@ -1053,7 +1085,7 @@ class Queue:
         with self._lock:
             if self._slot < 0:
                 self._ensure_process()
-            self._counters[self._slot_at + _GETS] += count
+            self._add(_GETS, count)
         if self._counters[_F_WAITERS] > 0:
             self._ring()
 
@@ -1068,26 +1100,43 @@ class Queue:
         buf = self._buffer()
         fd = self._rsock.fileno()
         while True:
-            try:
-                n, anc, flags, _ = self._rsock.recvmsg_into([buf], _FDS_SPACE, _RECV_FLAGS)
-            except BlockingIOError:
+            if self._slot < 0:
+                with self._lock:
+                    self._ensure_process()
+            got = self._ends.recv(buf, self._slot_at, deadline is None)
+            if isinstance(got, int):
+                if got >= 0:  # an inline record, counted as a get
+                    if self._counters[_F_WAITERS] > 0:
+                        self._ring()
+                    out.append(_loads(buf[_RECORD_SIZE:got]))
+                    return True
                 left = _remaining(deadline)
                 if left == 0.0:
                     return False
                 _wait_fd(fd, select.POLLIN, left)
                 continue
-            if self._handle(buf, n, anc, flags, out, want, deadline):
+            n, fds, flags = got
+            if self._handle(buf, n, fds, flags, out, want, deadline):
                 return True
             # That item's producer died before finishing it: it is lost.
             if deadline is not None and time.monotonic() >= deadline:
                 return False
 
     def _handle(
-        self, buf: memoryview, n: int, anc: Any, flags: int, out: list[Any], want: int, deadline: float | None
+        self,
+        buf: memoryview,
+        n: int,
+        fds: list[int],
+        flags: int,
+        out: list[Any],
+        want: int,
+        deadline: float | None,
     ) -> bool:
         """Decode one received record into ``out``. False if it was a large
         item whose producer died before writing all of it (dropped)."""
-        fds = self._take_fds(anc) if anc else []
+        if fds and not _RECV_CLOEXEC:
+            for fd in fds:
+                os.set_inheritable(fd, False)
         try:
             kind, count = self._check_record(buf, n, flags, fds)
         except BaseException:
@@ -1135,19 +1184,6 @@ class Queue:
             else:
                 buffers.append(view if keep else bytearray(view))
         return _loads(buf[offsets[0] : offsets[0] + lengths[0]], buffers=buffers)
-
-    @staticmethod
-    def _take_fds(anc: list[tuple[int, int, bytes]]) -> list[int]:
-        fds: list[int] = []
-        for level, kind, data in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                a = array.array("i")
-                a.frombytes(data[: len(data) - len(data) % a.itemsize])
-                fds.extend(a)
-        if not _RECV_FLAGS & ~_DONTWAIT:  # no MSG_CMSG_CLOEXEC here
-            for fd in fds:
-                os.set_inheritable(fd, False)
-        return fds
 
     @staticmethod
     def _check_record(buf: memoryview, n: int, flags: int, fds: list[int]) -> tuple[int, int]:
@@ -1379,8 +1415,17 @@ def _rebuild_queue(
 
 
 def _after_fork_in_child() -> None:
+    # Every queue must be reset, whatever happens to one of them: a queue
+    # left on its parent's state would hand its items to the parent's
+    # feeder, which does not exist here. One that fails is marked for the
+    # slow path (negative slot, foreign pid), where its next use sets it up
+    # again or raises the error to the caller.
     for q in list(_live):
-        q._after_fork()
+        try:
+            q._after_fork()
+        except Exception:
+            q._slot = -1
+            q._pid = -1
 
 
 if hasattr(os, "register_at_fork"):

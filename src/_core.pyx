@@ -6,7 +6,9 @@
 #   posix.pxi     declarations of the POSIX calls we make
 #   deadline.pxi  monotonic deadlines, waiting on a descriptor, thread locks
 #   channel.pxi   the Channel type: framing, sends, receives
+#   queue.pxi     QueueEnds: the per-item fast paths of bigipc.Queue
 
 include "posix.pxi"
 include "deadline.pxi"
 include "channel.pxi"
+include "queue.pxi"

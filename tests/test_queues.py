@@ -10,6 +10,7 @@ tests/test_queue_noshm.py.
 """
 
 import contextlib
+import errno
 import gc
 import multiprocessing
 import os
@@ -622,6 +623,53 @@ def test_a_closed_queue_does_not_keep_others_from_being_reset_in_a_forked_child(
         os.close(r)
         _reap(pid)
     del closed
+
+
+def test_a_queue_whose_fork_reset_fails_is_set_up_again_at_its_first_use(monkeypatch):
+    # If resetting one queue in the at-fork hook raises, the hook still
+    # resets the others, and the failed queue does not run on its parent's
+    # state: its first put or get in the child sets it up again.
+    queues = [bigipc.Queue() for _ in range(4)]
+    for x in queues:
+        x.put("parent")
+        assert x.get(timeout=LONG) == "parent"
+    victim = queues[1]
+    real = type(victim)._after_fork
+    failed = []
+
+    def flaky(self):
+        if self is victim and not failed:
+            failed.append(True)
+            raise OSError(errno.EMFILE, "simulated failure in the fork hook")
+        real(self)
+
+    monkeypatch.setattr(type(victim), "_after_fork", flaky)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(r)
+            me = os.getpid()
+            others = all(x._pid == me for x in queues if x is not victim)
+            marked = victim._pid != me and victim._slot < 0
+            for x in queues:
+                x.put(("child", queues.index(x)))
+            for x in queues:
+                x.close()
+                x.join_thread()
+            fresh = victim._pid == me
+            os.write(w, b"ok" if (failed and others and marked and fresh) else b"bad")
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        for i, x in enumerate(queues):
+            assert x.get(timeout=LONG) == ("child", i)
+        ready, _, _ = select.select([r], [], [], LONG)
+        assert ready and os.read(r, 16) == b"ok"
+    finally:
+        os.close(r)
+        _reap(pid)
 
 
 def _reap(pid):

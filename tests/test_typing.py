@@ -4,7 +4,7 @@ The stub is the one written-down interface of the core (DESIGN.md). These
 tests read it with ``ast`` (from the installed package: it ships in the wheel)
 and compare it with what the compiled ``bigipc._core`` and the pure-Python
 ``bigipc._purecore`` really have: every public module constant, every method
-and property of ``Channel``, both ways; for each method the parameter names,
+and property of each class (``Channel``, ``QueueEnds``), both ways; for each method the parameter names,
 kinds (positional or keyword-only) and defaults; for each property whether it
 can be set.
 
@@ -57,10 +57,18 @@ _KINDS = {
 }
 
 
-class Stub(NamedTuple):
-    constants: frozenset[str]
+class ClassStub(NamedTuple):
     methods: dict[str, tuple[Param, ...]]  # name -> parameters after self
     properties: dict[str, bool]  # name -> settable
+
+
+class Stub(NamedTuple):
+    constants: frozenset[str]
+    classes: dict[str, ClassStub]
+
+    @property
+    def channel(self) -> ClassStub:
+        return self.classes["Channel"]
 
 
 def _stub_params(function: ast.FunctionDef) -> tuple[Param, ...]:
@@ -95,19 +103,22 @@ def _is_type_alias(node: ast.stmt) -> bool:
 def read_stub() -> Stub:
     tree = ast.parse(STUB.read_text(encoding="utf-8"), str(STUB))
     constants = set()
-    channel = None
+    classes: dict[str, ClassStub] = {}
     for node in tree.body:
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and not _is_type_alias(node):
             constants.add(node.target.id)
         elif isinstance(node, ast.Assign):  # an untyped alias would hide from this test
             raise AssertionError("%s:%d: give module names an annotation" % (STUB.name, node.lineno))
         elif isinstance(node, ast.ClassDef):
-            assert node.name == "Channel", "the stub declares one class, Channel"
-            channel = node
-    assert channel is not None
+            classes[node.name] = _read_class(node)
+    assert "Channel" in classes
+    return Stub(frozenset(c for c in constants if not c.startswith("_")), classes)
+
+
+def _read_class(node: ast.ClassDef) -> ClassStub:
     methods: dict[str, tuple[Param, ...]] = {}
     properties: dict[str, bool] = {}
-    for item in channel.body:
+    for item in node.body:
         if not isinstance(item, ast.FunctionDef):
             continue
         decorators = [ast.unparse(d) for d in item.decorator_list]
@@ -118,7 +129,7 @@ def read_stub() -> Stub:
         else:
             assert not decorators, "%s: unexpected decorators %s" % (item.name, decorators)
             methods[item.name] = _stub_params(item)
-    return Stub(frozenset(c for c in constants if not c.startswith("_")), methods, properties)
+    return ClassStub(methods, properties)
 
 
 def _runtime_params(function: Any) -> tuple[Param, ...]:
@@ -192,34 +203,40 @@ def interface_differences(module: types.ModuleType) -> set[str]:
     missing from the module are the bare (dotted) name."""
     stub = read_stub()
     problems: set[str] = set()
-    for name in stub.constants | {"Channel"}:
+    for name in stub.constants | set(stub.classes):
         if not hasattr(module, name):
             problems.add(name)
-    for name in _own_public_names(module) - stub.constants - {"Channel"}:
+    for name in _own_public_names(module) - stub.constants - set(stub.classes):
         problems.add("%s: not in the stub" % name)
-    channel = getattr(module, "Channel", None)
-    if channel is None:
-        return problems
-    compiled = not isinstance(channel.__init__, types.FunctionType)
+    for class_name, declared in stub.classes.items():
+        cls = getattr(module, class_name, None)
+        if cls is not None:
+            problems |= _class_differences(class_name, cls, declared)
+    return problems
+
+
+def _class_differences(class_name: str, cls: type, stub: ClassStub) -> set[str]:
+    problems: set[str] = set()
+    compiled = not isinstance(cls.__init__, types.FunctionType)
     declared = set(stub.methods) | set(stub.properties)
-    for name in _public_members(channel) - declared:
-        problems.add("Channel.%s: not in the stub" % name)
+    for name in _public_members(cls) - declared:
+        problems.add("%s.%s: not in the stub" % (class_name, name))
     for name, params in stub.methods.items():
-        if name != "__init__" and not callable(getattr(channel, name, None)):
-            problems.add("Channel.%s" % name)
+        if name != "__init__" and not callable(getattr(cls, name, None)):
+            problems.add("%s.%s" % (class_name, name))
             continue
         if name == "__init__" and compiled:
-            actual = _embedded_init_params(channel)
+            actual = _embedded_init_params(cls)
             params = _positional_view(params)
         else:
-            actual = _runtime_params(getattr(channel, name))
+            actual = _runtime_params(getattr(cls, name))
         if actual != params:
-            problems.add("Channel.%s%s: the stub says %s" % (name, actual, params))
+            problems.add("%s.%s%s: the stub says %s" % (class_name, name, actual, params))
     for name in stub.properties:
-        if name not in dir(channel):
-            problems.add("Channel.%s" % name)
-        elif callable(getattr(channel, name)):
-            problems.add("Channel.%s: a method, the stub says a property" % name)
+        if name not in dir(cls):
+            problems.add("%s.%s" % (class_name, name))
+        elif callable(getattr(cls, name)):
+            problems.add("%s.%s: a method, the stub says a property" % (class_name, name))
     return problems
 
 
@@ -247,9 +264,12 @@ def pipe_channel(request: pytest.FixtureRequest) -> Any:
 def test_stub_parses_and_declares_the_interface() -> None:
     stub = read_stub()
     assert {"LONG_HEADER", "MULTIPART_HEADER", "MAX_SHORT_LENGTH", "MAX_PARTS"} <= stub.constants
-    assert {"__init__", "send_bytes", "recv_bytes", "recv_bytes_into", "poll", "close"} <= set(stub.methods)
-    assert stub.properties["max_message_size"] is True
-    assert stub.properties["closed"] is False
+    channel = stub.channel
+    assert {"__init__", "send_bytes", "recv_bytes", "recv_bytes_into", "poll"} <= set(channel.methods)
+    assert "close" in channel.methods
+    assert channel.properties["max_message_size"] is True
+    assert channel.properties["closed"] is False
+    assert {"__init__", "add", "send_inline", "recv"} <= set(stub.classes["QueueEnds"].methods)
 
 
 def test_stub_matches_compiled_core() -> None:
@@ -266,7 +286,7 @@ def test_stub_matches_pure_core() -> None:
 def test_property_setters_match_stub(name: str, pipe_channel: Any) -> None:
     """A property the stub gives a setter can be set; the others cannot."""
     channel = pipe_channel(_core_module(name))
-    for prop, settable in read_stub().properties.items():
+    for prop, settable in read_stub().channel.properties.items():
         value = getattr(channel, prop)
         if settable:
             setattr(channel, prop, value)
@@ -281,7 +301,7 @@ def test_init_keyword_only_parameters(name: str) -> None:
     """``__init__``'s keyword-only parameters in the stub are keyword-only in
     the core: passing one more positional argument is a TypeError."""
     module = _core_module(name)
-    params = read_stub().methods["__init__"]
+    params = read_stub().channel.methods["__init__"]
     positional = [p for p in params if p.kind == "positional"]
     keyword = [p for p in params if p.kind == "keyword"]
     assert keyword, "the stub's __init__ has keyword-only parameters"
