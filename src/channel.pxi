@@ -46,6 +46,20 @@ DEF _MAX_BATCH_READ = 1 << 20
 DEF _SPLICE_MIN = 256 << 10
 
 import os as _os
+
+# Bumped in every child forked by os.fork() (and so by multiprocessing):
+# a Channel whose direction was taken in an older generation was taken by a
+# thread of a parent process (see Channel._lock).
+cdef unsigned long _fork_generation = 0
+
+
+def _forked_child():
+    global _fork_generation
+    _fork_generation += 1
+
+
+if hasattr(_os, "register_at_fork"):
+    _os.register_at_fork(after_in_child=_forked_child)
 # BIGIPC_VMSPLICE=0 turns page-reference sends off (every byte is copied).
 cdef bint _splice_enabled = bool(BIGIPC_HAVE_VMSPLICE) and _os.environ.get("BIGIPC_VMSPLICE", "1") != "0"
 VMSPLICE = _splice_enabled
@@ -112,9 +126,19 @@ cdef class Channel:
     cdef pid_t _flags_pid            # the process that set O_NONBLOCK
     cdef uint64_t _max_message_size  # 0 with _limit_size false: no limit
     cdef bint _limit_size
+    # One lock per direction, in two levels. _send_users/_recv_users count
+    # the thread that holds the direction plus those waiting for it; they
+    # are only read and changed with the GIL held, so taking a free
+    # direction is one test and one store. The thread locks are used only
+    # when threads actually contend: they start out taken, and releasing
+    # one hands the direction to one waiter. _send_gen/_recv_gen record the
+    # fork generation (_fork_generation) in which the holder took it.
+    cdef int _send_users
+    cdef int _recv_users
+    cdef unsigned long _send_gen
+    cdef unsigned long _recv_gen
     cdef PyThread_type_lock _send_lock
     cdef PyThread_type_lock _recv_lock
-    cdef pid_t _lock_pid             # process the locks were made in
 
     # Rest of a message whose send was interrupted: a list of
     # [bytes, start, end] still to write, in order.
@@ -173,11 +197,8 @@ cdef class Channel:
         if fstat(fd, &st) != 0:
             PyErr_SetFromErrno(OSError)
         self.max_message_size = max_message_size
-        self._send_lock = PyThread_allocate_lock()
-        self._recv_lock = PyThread_allocate_lock()
-        if self._send_lock == NULL or self._recv_lock == NULL:
-            raise MemoryError()
-        self._lock_pid = getpid()
+        self._renew_lock(True)
+        self._renew_lock(False)
         self._is_socket = S_ISSOCK(st.st_mode)
         if self._is_socket:
             # Sockets keep their flags: MSG_DONTWAIT makes each of our calls
@@ -310,33 +331,74 @@ cdef class Channel:
         return 0
 
     cdef int _lock(self, bint sending, double deadline) except -1:
-        cdef PyThread_type_lock lock = self._send_lock if sending else self._recv_lock
-        if PyThread_acquire_lock_timed(lock, 0, 0) == PY_LOCK_ACQUIRED:
+        """Take this direction for the calling thread (the GIL is held)."""
+        cdef int *users = &self._send_users if sending else &self._recv_users
+        cdef unsigned long *gen = &self._send_gen if sending else &self._recv_gen
+        if users[0] == 0:
+            users[0] = 1
+            gen[0] = _fork_generation
             return 0
-        if self._lock_pid != getpid():
-            # A lock inherited over fork() may be held by a thread that does
-            # not exist in this process; start over with fresh locks.
-            self._renew_locks()
-            lock = self._send_lock if sending else self._recv_lock
-        _acquire_lock(lock, deadline, "send" if sending else "receive")
+        if gen[0] != _fork_generation:
+            # The holder and waiters counted here are threads of a parent
+            # process, which do not exist after fork(): start over.
+            self._renew_lock(sending)
+            users[0] = 1
+        else:
+            self._wait_for_turn(sending, deadline)
         if self._fd < 0:
-            PyThread_release_lock(lock)
+            self._unlock(sending)
             raise _closed_error()
         return 0
 
-    cdef void _unlock(self, bint sending) noexcept:
-        PyThread_release_lock(self._send_lock if sending else self._recv_lock)
+    cdef int _wait_for_turn(self, bint sending, double deadline) except -1:
+        """_lock() when another thread holds the direction."""
+        cdef int *users = &self._send_users if sending else &self._recv_users
+        users[0] += 1
+        try:
+            _acquire_lock(self._send_lock if sending else self._recv_lock, deadline,
+                          "send" if sending else "receive")
+        except BaseException:
+            # A hand-over may have come after the wait gave up and before
+            # this thread took the GIL back: then this thread holds the
+            # direction and passes it on; otherwise it stops waiting.
+            if PyThread_acquire_lock_timed(self._send_lock if sending else self._recv_lock,
+                                           0, 0) == PY_LOCK_ACQUIRED:
+                self._unlock(sending)
+            else:
+                users[0] -= 1
+            raise
+        if sending:
+            self._send_gen = _fork_generation
+        else:
+            self._recv_gen = _fork_generation
+        return 0
 
-    cdef int _renew_locks(self) except -1:
-        cdef PyThread_type_lock fresh_send = PyThread_allocate_lock()
-        cdef PyThread_type_lock fresh_recv = PyThread_allocate_lock()
-        if fresh_send == NULL or fresh_recv == NULL:
+    cdef void _unlock(self, bint sending) noexcept:
+        cdef int *users = &self._send_users if sending else &self._recv_users
+        if users[0] > 0:
+            users[0] -= 1
+            if users[0] > 0:
+                PyThread_release_lock(self._send_lock if sending else self._recv_lock)
+
+    cdef int _renew_lock(self, bint sending) except -1:
+        """A fresh, taken thread lock for one direction, with no users (at
+        creation, and in a forked child whose inherited state counts threads
+        of its parent)."""
+        cdef PyThread_type_lock fresh = PyThread_allocate_lock()
+        if fresh == NULL:
             raise MemoryError()
-        # The old locks may be held; freeing a held lock is undefined, so
-        # they are leaked (two small objects, once per fork).
-        self._send_lock = fresh_send
-        self._recv_lock = fresh_recv
-        self._lock_pid = getpid()
+        PyThread_acquire_lock_timed(fresh, 0, 0)
+        # An inherited lock is not freed: the copy in this process is never
+        # waited on again, and freeing a lock in an unknown state is not
+        # allowed (one small object leaks, once per fork and direction).
+        if sending:
+            self._send_lock = fresh
+            self._send_users = 0
+            self._send_gen = _fork_generation
+        else:
+            self._recv_lock = fresh
+            self._recv_users = 0
+            self._recv_gen = _fork_generation
         return 0
 
     # ------------------------------------------------------------------ send

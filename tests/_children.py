@@ -454,6 +454,34 @@ def recv_after_fork(conn, out):
     out.send(result)
 
 
+def threads_contend_after_fork(conn, out):
+    """Under fork: two threads of this child receive on an inherited
+    Connection. While one holds the receive side (blocked on the empty
+    channel), the other must wait for it like in any process, not take the
+    side as if its holder were a thread of the parent."""
+    import threading
+
+    holder_result = []
+
+    def holder():
+        try:
+            holder_result.append(("ok", conn.recv_bytes(timeout=10)))
+        except BaseException as exc:  # reported below
+            holder_result.append(("error", type(exc).__name__))
+
+    thread = threading.Thread(target=holder, daemon=True)
+    thread.start()
+    time.sleep(0.3)  # let it take the receive side and block
+    try:
+        conn.recv_bytes(timeout=0.3)
+        second = "received"
+    except TimeoutError as exc:
+        second = str(exc)
+    out.send(("second", second))  # the parent now sends the holder its message
+    thread.join(20)
+    out.send(("holder", holder_result))
+
+
 def numpy_echo(conn):
     """Receive an array as an object and as raw bytes, send both back."""
     import numpy as np

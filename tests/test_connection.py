@@ -1705,6 +1705,22 @@ def test_fork_while_a_thread_holds_the_receive_lock(children, closing):
     children.finish(proc)
 
 
+def test_threads_of_a_forked_child_take_turns_on_an_inherited_connection(children, closing):
+    # The receive side is free at fork. In the child, one thread holds it
+    # (blocked on the empty channel); a second thread must wait for it and
+    # time out waiting, not receive in its place or beside it.
+    rx, tx = make_pipe(closing, True)
+    rx.send_bytes(b"used in the parent")
+    assert tx.recv_bytes(timeout=LONG) == b"used in the parent"
+    report_r, report_w = make_pipe(closing, False)
+    proc = children.start("fork", _children.threads_contend_after_fork, rx, report_w)
+    report_w.close()
+    assert report_r.recv(timeout=LONG) == ("second", "timed out waiting for another thread's receive")
+    tx.send_bytes(b"for the holder")
+    assert report_r.recv(timeout=LONG) == ("holder", [("ok", b"for the holder")])
+    children.finish(proc)
+
+
 def test_fork_child_detaching_its_copy_keeps_parent_timeouts(children, closing):
     # Under fork the child has a copy of the parent's Connection, on the same
     # open file description. detach() in the child must not take away what

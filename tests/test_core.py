@@ -2500,6 +2500,89 @@ def test_lock_wait_counts_against_send_deadline(pair):
     assert got[1] == b"second"
 
 
+def _direction_is_free(receiver, sender):
+    """Nothing holds or waits for either direction: a receive on the empty
+    channel times out on the descriptor, not on another thread, and a
+    message goes through."""
+    with pytest.raises(TimeoutError, match="receiving"):
+        receiver.recv_bytes(timeout=0)
+    sender.send_bytes(b"after", timeout=0)
+    assert receiver.recv_bytes(timeout=LONG) == b"after"
+
+
+@pytest.mark.timeout(120)
+def test_lock_waiters_that_time_out_leave_the_direction_consistent(pair):
+    # Receivers with short timeouts give up waiting for the receive lock
+    # while others hand it over: no message may be lost or duplicated, and
+    # afterwards nothing may still count as holding or waiting.
+    receiver, sender = pair
+    count = 3000
+    stop = threading.Event()
+    messages = [b"m%06d" % i for i in range(count)]
+
+    def send_all():
+        rng = random.Random(5)
+        for m in messages:
+            sender.send_bytes(m, timeout=LONG)
+            if rng.random() < 0.02:
+                time.sleep(0.001)
+
+    def receive_some(seed):
+        rng = random.Random(seed)
+        got, timeouts = [], 0
+        while not stop.is_set():
+            try:
+                got.append(receiver.recv_bytes(timeout=rng.choice((0, 0.00005, 0.0001, 0.0003, 0.002))))
+            except TimeoutError:
+                timeouts += 1
+        return got, timeouts
+
+    receivers = [start(receive_some, seed, on_error=receiver.close) for seed in range(6)]
+    sending = start(send_all, on_error=sender.close)
+    sending.finish()
+    deadline = time.monotonic() + LONG
+    results = []
+    try:
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            if not receiver.poll(0):
+                break
+    finally:
+        stop.set()
+        results = [r.finish() for r in receivers]
+    everything = sorted(m for got, _ in results for m in got)
+    assert everything == messages
+    assert sum(t for _, t in results) > 0  # the waits really timed out
+    _direction_is_free(receiver, sender)
+
+
+@signal_test
+def test_raising_handler_ends_a_wait_for_the_receive_lock(pair):
+    # The main thread waits for the receive lock that another thread holds
+    # (blocked on the empty channel). A signal handler that raises ends
+    # that wait with its exception; the holder is not disturbed, and once it
+    # is done the direction is free.
+    receiver, sender = pair
+    holder = start(receiver.recv_bytes, timeout=1.0)
+    time.sleep(0.1)
+
+    def interrupt(signum, frame):
+        raise _Interrupted
+
+    with _AlarmHandler(interrupt, 0.2):
+        t0 = time.monotonic()
+        with pytest.raises(_Interrupted):
+            receiver.recv_bytes(timeout=LONG)
+        assert time.monotonic() - t0 < 5.0
+    with pytest.raises(TimeoutError, match="receiving"):
+        holder.finish()
+    _direction_is_free(receiver, sender)
+
+
+class _Interrupted(Exception):
+    pass
+
+
 def test_blocked_recv_releases_gil(pair):
     receiver, sender = pair
     blocked = start(receiver.recv_bytes, timeout=1.0)
