@@ -19,6 +19,8 @@ start methods alike.
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import json
 import os
 import pickle
@@ -552,6 +554,16 @@ class Link:
             cleanup()
 
 
+def _one_at_a_time(fetch: Callable[[], list[Any]]) -> Callable[[], Any]:
+    """One message per call, from a function that returns a batch of them.
+
+    A C-level iterator (the ``__next__`` of a chain over the batches), so a
+    message costs the consumer no Python-level call, just as the one-by-one
+    transports hand it their bound methods; each message is still checked
+    on its own."""
+    return itertools.chain.from_iterable(iter(fetch, None)).__next__
+
+
 class Endpoint:
     """A child's side of a link: ``send(message)`` or ``recv()``, and ``close()``.
 
@@ -722,17 +734,9 @@ class _BigipcBatchTransport(_PipeTransport):
         return Endpoint(send=send, flush=flush, close=end.close)
 
     def receiver(self, end: Any, case: Case) -> Endpoint:
-        from collections import deque
-
-        ready: deque[Any] = deque()
-        recv_many, max_bytes = end.recv_many, self._BATCH_BYTES
-
-        def recv() -> Any:
-            if not ready:
-                ready.extend(recv_many(max_bytes))
-            return ready.popleft()
-
-        return Endpoint(recv=recv, close=end.close)
+        return Endpoint(
+            recv=_one_at_a_time(functools.partial(end.recv_many, self._BATCH_BYTES)), close=end.close
+        )
 
 
 class _MpQueueTransport(Transport):
@@ -813,17 +817,9 @@ class _BigipcQueueTransport(Transport):
     def receiver(self, end: Any, case: Case) -> Endpoint:
         if self.kind != "batch":
             return Endpoint(recv=end.get, close=end.close)
-        from collections import deque
-
-        ready: deque[Any] = deque()
-        get_many, limit = end.get_many, self._BATCH * 4
-
-        def recv() -> Any:
-            if not ready:
-                ready.extend(get_many(limit))
-            return ready.popleft()
-
-        return Endpoint(recv=recv, close=end.close)
+        return Endpoint(
+            recv=_one_at_a_time(functools.partial(end.get_many, self._BATCH * 4)), close=end.close
+        )
 
 
 class _FasterFifoTransport(Transport):
