@@ -440,9 +440,8 @@ class Queue:
         # Every change to this process's counters goes through _ends (their
         # updates are atomic there); _lock orders them with the records. A
         # queue closed and released before the fork has no counters left.
-        released = self._closed and not self._finalizer.still_active()
         self._ends: Any = None
-        if not released:
+        if not self._released():
             self._ends = QueueEnds(
                 self._rsock, self._wsock, self._counters, _INLINE_HEADER, _PUTS, _GETS, _RESERVED
             )
@@ -459,6 +458,10 @@ class Queue:
         self._wake_r = self._wake_w = -1
         self._jointhread: Any = None
         self._pid = os.getpid()
+
+    def _released(self) -> bool:
+        """Closed here with the shared block already unmapped."""
+        return self._closed and not self._finalizer.still_active()
 
     @staticmethod
     def _release(
@@ -546,7 +549,7 @@ class Queue:
         self._ends.add(self._slot_at + field, n)
 
     def _sum(self, field: int) -> int:
-        if self._closed and not self._finalizer.still_active():
+        if self._released():
             raise QueueClosedError("Queue %r is closed" % self)
         c = self._counters
         high = c[_F_HIGH]

@@ -355,14 +355,12 @@ cdef class Channel:
         cdef int *users = &self._send_users if sending else &self._recv_users
         users[0] += 1
         try:
-            _acquire_lock(self._send_lock if sending else self._recv_lock, deadline,
-                          "send" if sending else "receive")
+            _acquire_lock(self._thread_lock(sending), deadline, "send" if sending else "receive")
         except BaseException:
             # A hand-over may have come after the wait gave up and before
             # this thread took the GIL back: then this thread holds the
             # direction and passes it on; otherwise it stops waiting.
-            if PyThread_acquire_lock_timed(self._send_lock if sending else self._recv_lock,
-                                           0, 0) == PY_LOCK_ACQUIRED:
+            if PyThread_acquire_lock_timed(self._thread_lock(sending), 0, 0) == PY_LOCK_ACQUIRED:
                 self._unlock(sending)
             else:
                 users[0] -= 1
@@ -373,12 +371,15 @@ cdef class Channel:
             self._recv_gen = _fork_generation
         return 0
 
+    cdef inline PyThread_type_lock _thread_lock(self, bint sending) noexcept:
+        return self._send_lock if sending else self._recv_lock
+
     cdef void _unlock(self, bint sending) noexcept:
         cdef int *users = &self._send_users if sending else &self._recv_users
         if users[0] > 0:
             users[0] -= 1
             if users[0] > 0:
-                PyThread_release_lock(self._send_lock if sending else self._recv_lock)
+                PyThread_release_lock(self._thread_lock(sending))
 
     cdef int _renew_lock(self, bint sending) except -1:
         """A fresh, taken thread lock for one direction, with no users (at

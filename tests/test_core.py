@@ -2570,10 +2570,11 @@ def test_raising_handler_ends_a_wait_for_the_receive_lock(pair):
         raise _Interrupted
 
     with _AlarmHandler(interrupt, 0.2):
-        t0 = time.monotonic()
         with pytest.raises(_Interrupted):
             receiver.recv_bytes(timeout=LONG)
-        assert time.monotonic() - t0 < 5.0
+    # The wait ended while the holder still held the receive side (it
+    # gives up only at its own deadline): not after taking it over.
+    assert holder.is_alive()
     with pytest.raises(TimeoutError, match="receiving"):
         holder.finish()
     _direction_is_free(receiver, sender)
