@@ -1534,7 +1534,7 @@ def environment() -> dict[str, Any]:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
-        "pipe_size": _platform.pipe_max_size(),
+        "pipe_size": _platform.default_pipe_size(),
     }
 
 

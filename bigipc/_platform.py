@@ -2,6 +2,10 @@
 
 Bigger kernel buffers mean fewer wake-ups per megabyte: with the default
 64 KiB Linux pipe a writer and a reader hand over control every 64 KiB.
+Bigger is not always faster for a pipe, though: the compiled core copies the
+last pipe-capacity bytes of a large ``bytes`` message and hands the rest over
+by reference (docs/protocol.md, "vmsplice"), so a smaller pipe lets more of a
+message go without a copy. ``DEFAULT_PIPE_SIZE`` is the measured balance.
 Every adjustment here is best effort; a refusal leaves the default.
 """
 
@@ -21,6 +25,12 @@ _F_GETPIPE_SZ: int | None = getattr(fcntl, "F_GETPIPE_SZ", 1032 if _LINUX else N
 # net.core.wmem_max / rmem_max, 208 KiB by default); asking is harmless.
 DEFAULT_SOCKET_BUFFER = 4 << 20
 
+# Pipe size asked for by Pipe(duplex=False) (capped at the system maximum).
+# Measured with 1 MiB to 256 MiB messages (docs/protocol.md): 256 KiB is the
+# fastest up to a few MiB but erratic for 256 MiB, 1 MiB copies a 1 MiB
+# message whole; 512 KiB is close to the best at every size.
+DEFAULT_PIPE_SIZE = 512 << 10
+
 _pipe_max_cache: int | None = None
 
 
@@ -36,17 +46,23 @@ def pipe_max_size() -> int:
     return _pipe_max_cache
 
 
+def default_pipe_size() -> int:
+    """The size ``set_pipe_size(fd, None)`` asks for; 0 where unknown."""
+    largest = pipe_max_size()
+    return min(DEFAULT_PIPE_SIZE, largest) if largest else 0
+
+
 def set_pipe_size(fd: int, size: int | None) -> int:
     """Resize the pipe behind ``fd``; return its size afterwards (0 if unknown).
 
-    ``None`` asks for the system maximum, ``0`` leaves the pipe alone.
+    ``None`` asks for ``default_pipe_size()``, ``0`` leaves the pipe alone.
     Failure (not Linux, EPERM past the per-user pipe quota, EBUSY when the
     pipe holds more data than the new size) keeps the current size.
     """
     if _F_SETPIPE_SZ is None or _F_GETPIPE_SZ is None:
         return 0
     if size is None:
-        size = pipe_max_size()
+        size = default_pipe_size()
     if size:
         with contextlib.suppress(OSError):
             fcntl.fcntl(fd, _F_SETPIPE_SZ, size)

@@ -236,9 +236,10 @@ def Pipe(
 
     ``duplex=True`` gives a socket pair (both ends send and receive);
     ``duplex=False`` a pipe: ``conn1`` receives, ``conn2`` sends.
-    ``buffer_size`` is the kernel buffer to ask for: for a pipe the system
-    maximum by default (``/proc/sys/fs/pipe-max-size`` on Linux), for sockets
-    4 MiB (capped by the kernel); ``0`` keeps the kernel's default.
+    ``buffer_size`` is the kernel buffer to ask for: for a pipe 512 KiB by
+    default (capped at ``/proc/sys/fs/pipe-max-size`` on Linux; measured to be
+    faster for large messages than the maximum, see docs/protocol.md), for
+    sockets 4 MiB (capped by the kernel); ``0`` keeps the kernel's default.
     """
     if duplex:
         s1, s2 = socket.socketpair()

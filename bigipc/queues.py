@@ -756,7 +756,9 @@ class Queue:
                 return False
             raise
         try:
-            _platform.set_pipe_size(w, None)
+            # The largest pipe: put() writes what fits at once and leaves
+            # the rest to the feeder, so more room means less copying.
+            _platform.set_pipe_size(w, _platform.pipe_max_size())
             writer = Channel(w, readable=False)
         except BaseException:
             _close_fds([r, w])

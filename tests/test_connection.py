@@ -275,7 +275,11 @@ def test_pipe_buffer_size(closing):
             pipe_max = int(f.read())
     except OSError:
         pytest.skip("no /proc/sys/fs/pipe-max-size: not Linux")
+    # The default is 512 KiB (the vmsplice balance, docs/protocol.md), never
+    # more than the system allows.
     r, w = make_pipe(closing, False)
+    assert fcntl.fcntl(w.fileno(), get_size) == min(512 * KiB, pipe_max)
+    r, w = make_pipe(closing, False, buffer_size=pipe_max)
     assert fcntl.fcntl(w.fileno(), get_size) == pipe_max
     r, w = make_pipe(closing, False, buffer_size=0)
     assert fcntl.fcntl(w.fileno(), get_size) == 64 * KiB
