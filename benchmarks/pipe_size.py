@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import statistics
 import time
+from typing import Any
 
 import bigipc
 
@@ -39,6 +40,8 @@ def _label(size: int) -> str:
 
 def measure(size: int, pipe_size: int | None, total: int) -> float:
     """MB/s of one run; ``pipe_size`` None means multiprocessing's pipe."""
+    reader: Any
+    writer: Any
     if pipe_size is None:
         reader, writer = multiprocessing.Pipe(duplex=False)
     else:
