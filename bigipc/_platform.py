@@ -47,9 +47,15 @@ def pipe_max_size() -> int:
 
 
 def default_pipe_size() -> int:
-    """The size ``set_pipe_size(fd, None)`` asks for; 0 where unknown."""
+    """The size ``set_pipe_size(fd, None)`` asks for (0: none, not Linux).
+
+    Where the system maximum cannot be read, 512 KiB is asked for anyway:
+    a kernel that allows less refuses, and the pipe keeps its size.
+    """
+    if _F_SETPIPE_SZ is None:
+        return 0
     largest = pipe_max_size()
-    return min(DEFAULT_PIPE_SIZE, largest) if largest else 0
+    return min(DEFAULT_PIPE_SIZE, largest) if largest else DEFAULT_PIPE_SIZE
 
 
 def set_pipe_size(fd: int, size: int | None) -> int:

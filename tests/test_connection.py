@@ -290,6 +290,26 @@ def test_pipe_buffer_size(closing):
         assert s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= 512 * KiB
 
 
+def test_default_pipe_size_without_the_system_maximum(monkeypatch):
+    from bigipc import _platform
+
+    if _platform._F_SETPIPE_SZ is None:
+        assert _platform.default_pipe_size() == 0
+        return
+    # /proc unreadable (a sandbox): ask for 512 KiB anyway, the kernel judges.
+    monkeypatch.setattr(_platform, "_pipe_max_cache", 0)
+    assert _platform.default_pipe_size() == 512 * KiB
+    # An administrator's lower maximum caps the request.
+    monkeypatch.setattr(_platform, "_pipe_max_cache", 128 * KiB)
+    assert _platform.default_pipe_size() == 128 * KiB
+    r, w = os.pipe()
+    try:
+        assert _platform.set_pipe_size(w, None) == 128 * KiB
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 def test_pipe_descriptors_are_not_inherited_by_exec(closing):
     for duplex in (True, False):
         for conn in make_pipe(closing, duplex):
