@@ -110,9 +110,19 @@ def reader_child(start_method, target, *args, as_fd=False):
     ctx = multiprocessing.get_context(start_method)
     reader, writer = bigipc.Pipe(duplex=False)
     results_r, results_w = bigipc.Pipe(duplex=False)
-    child = ctx.Process(target=target, args=(reader.fileno() if as_fd else reader, *args, results_w))
+    if as_fd:
+        # A plain descriptor for code that does blocking reads: detach()
+        # turns the read end's shared description back to blocking, which a
+        # bigipc Connection had made non-blocking (README, "Pipes and
+        # O_NONBLOCK"); inherited as it was, a reader that empties the pipe
+        # would get BlockingIOError instead of waiting.
+        reader = reader.detach()
+    child = ctx.Process(target=target, args=(reader, *args, results_w))
     child.start()
-    reader.close()
+    if as_fd:
+        os.close(reader)
+    else:
+        reader.close()
     results_w.close()
     try:
         yield writer, results_r
