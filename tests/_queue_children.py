@@ -234,11 +234,14 @@ def _check_payload(pid, seq, payload):
         raise ValueError("payload words differ (sampled every 4099)")
 
 
+MAX_BATCH = 30  # items in one put_many call of the campaign's producers
+
+
 def batch_len(pid, k):
     """How many items the ``k``-th put_many call of producer ``pid`` carries.
-    Small enough that each call is one datagram (at most 30 items of at most
-    1 KiB)."""
-    return 1 + random.Random(_seed(pid, 1 << 40 | k)).randrange(30)
+    Small enough that each call is one datagram (at most MAX_BATCH items of
+    at most 1 KiB)."""
+    return 1 + random.Random(_seed(pid, 1 << 40 | k)).randrange(MAX_BATCH)
 
 
 # --------------------------------------------------------------------------
