@@ -16,26 +16,11 @@ import argparse
 import multiprocessing
 import os
 import statistics
-import time
 from typing import Any
 
+from _forked import parse_size, size_label, timed_transfer
+
 import bigipc
-
-_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-
-
-def _size(text: str) -> int:
-    text = text.strip().upper()
-    if text[-1:] in _UNITS:
-        return int(text[:-1]) * _UNITS[text[-1]]
-    return int(text)
-
-
-def _label(size: int) -> str:
-    for unit in "GMK":
-        if size >= _UNITS[unit] and size % _UNITS[unit] == 0:
-            return "%d%s" % (size // _UNITS[unit], unit)
-    return str(size)
 
 
 def measure(size: int, pipe_size: int | None, total: int) -> float:
@@ -46,31 +31,8 @@ def measure(size: int, pipe_size: int | None, total: int) -> float:
         reader, writer = multiprocessing.Pipe(duplex=False)
     else:
         reader, writer = bigipc.Pipe(duplex=False, buffer_size=pipe_size)
-    message = os.urandom(size)
     count = max(4, total // size)
-    pid = os.fork()
-    if pid == 0:  # the producer
-        code = 1
-        try:
-            reader.close()
-            for _ in range(count):
-                writer.send_bytes(message)
-            code = 0
-        finally:
-            os._exit(code)
-    writer.close()
-    try:
-        start = time.perf_counter()
-        for _ in range(count):
-            got = reader.recv_bytes()
-        elapsed = time.perf_counter() - start
-        if got != message:
-            raise AssertionError("the last message differs from the one sent")
-    finally:
-        reader.close()
-        _, status = os.waitpid(pid, 0)
-    if status != 0:
-        raise AssertionError("the producer failed (wait status %d)" % status)
+    elapsed, _ = timed_transfer(reader, writer, os.urandom(size), count)
     return count * size / elapsed / 1e6
 
 
@@ -81,9 +43,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--total", default="512M", help="bytes per run")
     args = parser.parse_args()
-    sizes = [_size(s) for s in args.sizes.split(",")]
-    pipes: list[int | None] = [None] + [_size(p) for p in args.pipes.split(",")]
-    total = _size(args.total)
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    pipes: list[int | None] = [None] + [parse_size(p) for p in args.pipes.split(",")]
+    total = parse_size(args.total)
     runs: dict[tuple[int, int | None], list[float]] = {}
     for _ in range(args.rounds):
         for size in sizes:
@@ -92,10 +54,10 @@ def main() -> None:
     print("MB/s, median of %d rounds; ratio to multiprocessing in brackets" % args.rounds)
     for size in sizes:
         base = statistics.median(runs[(size, None)])
-        cells = ["%6s  mp %6.0f" % (_label(size), base)]
+        cells = ["%6s  mp %6.0f" % (size_label(size), base)]
         for pipe_size in pipes[1:]:
             value = statistics.median(runs[(size, pipe_size)])
-            cells.append("pipe %s %6.0f (%.2fx)" % (_label(pipe_size or 0), value, value / base))
+            cells.append("pipe %s %6.0f (%.2fx)" % (size_label(pipe_size or 0), value, value / base))
         print(" | ".join(cells))
 
 

@@ -5,12 +5,14 @@ stream has to be read with two calls: its header, then exactly its payload
 (reading more would take bytes of the next message out of the socket, where
 ``wait()`` and other readers of the same connection can no longer see them).
 This script measures that floor in C (it needs a C compiler, ``$CC`` or
-``cc``), next to a ``SOCK_SEQPACKET`` pair, where the kernel keeps message
-boundaries and one call reads a whole message, and next to ``bigipc.Pipe()``
-and ``multiprocessing.Pipe()``, interleaved. A forked producer sends
-100-byte messages with a 4-byte length prefix (one ``send`` each); the
-consumer's CPU time per message is what limits the rate. Linux; it uses
-fork::
+``cc``), next to what the two ways past it would give: a ``SOCK_SEQPACKET``
+pair, where the kernel keeps message boundaries and one call reads a whole
+message, and a stream read ahead in 64 KiB blocks. Interleaved with those
+run ``multiprocessing.Pipe()``, ``bigipc.Pipe()`` one by one, and
+``bigipc.Pipe()`` taken with ``recv_many`` (bigipc's read-ahead, within the
+batch it returns). A forked producer sends 100-byte messages with a 4-byte
+length prefix (one ``send`` each); the consumer's CPU time per message is
+what limits the rate. Linux; it uses fork::
 
     python benchmarks/small_messages_floor.py --count 300000 --rounds 5
 """
@@ -18,14 +20,14 @@ fork::
 from __future__ import annotations
 
 import argparse
-import functools
 import multiprocessing
 import os
 import statistics
 import subprocess
 import tempfile
-import time
 from typing import Any
+
+from _forked import timed_transfer
 
 import bigipc
 
@@ -47,14 +49,17 @@ _C_SOURCE = r"""
 #include <time.h>
 #include <unistd.h>
 
+enum { STREAM, SEQPACKET, READ_AHEAD };
+
 int main(int argc, char **argv) {
-    int seqpacket = atoi(argv[1]), size = 4 << 20, sv[2], status = 0;
+    int mode = atoi(argv[1]), size = 4 << 20, sv[2], status = 0;
     long count = atol(argv[2]);
-    char frame[104], buf[65536];
+    char frame[104], buf[65536], message[65536];
+    size_t have = 0, at = 0;
     uint32_t length = 100;
     struct timespec t0, t1;
     struct rusage ru;
-    if (socketpair(AF_UNIX, seqpacket ? SOCK_SEQPACKET : SOCK_STREAM, 0, sv)) return 2;
+    if (socketpair(AF_UNIX, mode == SEQPACKET ? SOCK_SEQPACKET : SOCK_STREAM, 0, sv)) return 2;
     for (int i = 0; i < 2; i++) {
         setsockopt(sv[i], SOL_SOCKET, SO_SNDBUF, &size, sizeof size);
         setsockopt(sv[i], SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
@@ -70,11 +75,27 @@ int main(int argc, char **argv) {
     close(sv[1]);
     clock_gettime(CLOCK_MONOTONIC, &t0);
     for (long i = 0; i < count; i++) {
-        if (seqpacket) {
+        if (mode == SEQPACKET) {
             if (recv(sv[0], buf, sizeof buf, 0) != sizeof frame) return 3;
-        } else {
+        } else if (mode == STREAM) {
             if (recv(sv[0], &length, 4, MSG_WAITALL) != 4) return 3;
             if (recv(sv[0], buf, length, MSG_WAITALL) != (ssize_t)length) return 3;
+        } else {
+            /* Read as much as is there, hand out one frame at a time. */
+            for (;;) {
+                if (have - at >= 4) {
+                    memcpy(&length, buf + at, 4);
+                    if (have - at >= 4 + (size_t)length) break;
+                }
+                memmove(buf, buf + at, have - at);
+                have -= at;
+                at = 0;
+                ssize_t n = recv(sv[0], buf + have, sizeof buf - have, 0);
+                if (n <= 0) return 3;
+                have += (size_t)n;
+            }
+            memcpy(message, buf + at + 4, length);
+            at += 4 + (size_t)length;
         }
     }
     clock_gettime(CLOCK_MONOTONIC, &t1);
@@ -97,8 +118,11 @@ def _build_floor(directory: str) -> str:
     return program
 
 
+_C_MODES = {"stream": "0", "seqpacket": "1", "read-ahead": "2"}
+
+
 def _run_floor(program: str, kind: str, count: int) -> tuple[float, float]:
-    flag = "1" if kind == "seqpacket" else "0"
+    flag = _C_MODES[kind]
     out = subprocess.run([program, flag, str(count)], check=True, capture_output=True, text=True)
     rate, cpu = out.stdout.split()
     return float(rate), float(cpu)
@@ -106,34 +130,9 @@ def _run_floor(program: str, kind: str, count: int) -> tuple[float, float]:
 
 def measure(kind: str, count: int) -> tuple[float, float]:
     """(messages per second, consumer CPU microseconds per message)."""
-    lib: Any = bigipc if kind == "bigipc" else multiprocessing
+    lib: Any = multiprocessing if kind == "multiprocessing" else bigipc
     ours, theirs = lib.Pipe()
-    send = functools.partial(theirs.send_bytes, _PAYLOAD)
-    receive = ours.recv_bytes
-    close_ours, close_theirs = ours.close, theirs.close
-    pid = os.fork()
-    if pid == 0:  # the producer
-        code = 1
-        try:
-            close_ours()
-            for _ in range(count):
-                send()
-            code = 0
-        finally:
-            os._exit(code)
-    close_theirs()
-    try:
-        start, cpu = time.perf_counter(), time.process_time()
-        for _ in range(count):
-            got = receive()
-        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
-        if got != _PAYLOAD:
-            raise AssertionError("the last message differs from the one sent")
-    finally:
-        close_ours()
-        _, status = os.waitpid(pid, 0)
-    if status != 0:
-        raise AssertionError("the producer failed (wait status %d)" % status)
+    elapsed, cpu = timed_transfer(ours, theirs, _PAYLOAD, count, batches=kind == "bigipc-batches")
     return count / elapsed, cpu / count * 1e6
 
 
@@ -142,19 +141,21 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=300000)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    kinds = ["multiprocessing", "bigipc", "stream", "seqpacket"]
+    kinds = ["multiprocessing", "bigipc", "bigipc-batches", "stream", "seqpacket", "read-ahead"]
     names = {
         "multiprocessing": "multiprocessing.Pipe()",
         "bigipc": "bigipc.Pipe()",
+        "bigipc-batches": "bigipc.Pipe(), recv_many",
         "stream": "C, stream pair, 2 recv calls",
         "seqpacket": "C, seqpacket pair, 1 recv call",
+        "read-ahead": "C, stream pair, read-ahead",
     }
     runs: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
     with tempfile.TemporaryDirectory() as directory:
         program = _build_floor(directory)
         for _ in range(args.rounds):
             for kind in kinds:
-                if kind in ("stream", "seqpacket"):
+                if kind in _C_MODES:
                     runs[kind].append(_run_floor(program, kind, args.count))
                 else:
                     runs[kind].append(measure(kind, args.count))
