@@ -7,8 +7,10 @@
 #   deadline.pxi  monotonic deadlines, waiting on a descriptor, thread locks
 #   channel.pxi   the Channel type: framing, sends, receives
 #   queue.pxi     QueueEnds: the per-item fast paths of bigipc.Queue
+#   floor.pxi     the benchmark's floor: plain C read/write loops
 
 include "posix.pxi"
 include "deadline.pxi"
 include "channel.pxi"
 include "queue.pxi"
+include "floor.pxi"
