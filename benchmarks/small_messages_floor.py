@@ -96,6 +96,7 @@ int main(int argc, char **argv) {
             }
             memcpy(message, buf + at + 4, length);
             at += 4 + (size_t)length;
+            if (length != 100 || message[0] != 7) return 4; /* the frames parse as sent */
         }
     }
     clock_gettime(CLOCK_MONOTONIC, &t1);
