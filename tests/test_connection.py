@@ -38,6 +38,7 @@ from bigipc import BufferTooShort, FrameError, MessageTooLong, TruncatedMessageE
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _children  # noqa: E402
 from _children import check_tagged, digest, frame_header, pattern, tagged_message  # noqa: E402
+from _signals import Interrupted, alarm, raise_interrupted  # noqa: E402
 
 _children.make_importable_in_children()
 
@@ -57,10 +58,6 @@ SLACK = 5.0
 
 START_METHODS = [m for m in ("fork", "spawn", "forkserver") if m in multiprocessing.get_all_start_methods()]
 PURE_FORCED = os.environ.get("BIGIPC_PUREPYTHON", "") not in ("", "0")
-
-
-class Interrupted(Exception):
-    """What the test signal handlers raise (a KeyboardInterrupt stand-in)."""
 
 
 # --------------------------------------------------------------------------
@@ -158,29 +155,6 @@ def expect_timeout(call, timeout=SHORT):
     assert elapsed >= max(0.0, timeout) - 0.01, "returned after %.3f s, before its %.3f s deadline" % (elapsed, timeout)
     assert elapsed < max(0.0, timeout) + SLACK, "returned after %.3f s for a %.3f s timeout" % (elapsed, timeout)
     return elapsed
-
-
-@contextmanager
-def alarm(handler, delay, interval=0.0):
-    """Install a SIGALRM handler and fire it after ``delay`` s (then every
-    ``interval`` s). pytest-timeout's own SIGALRM handler and timer are
-    saved and put back afterwards."""
-    old_handler = signal.signal(signal.SIGALRM, handler)
-    old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, 0)
-    start = time.monotonic()
-    try:
-        signal.setitimer(signal.ITIMER_REAL, delay, interval)
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old_handler)
-        if old_delay:
-            remaining = max(0.001, old_delay - (time.monotonic() - start))
-            signal.setitimer(signal.ITIMER_REAL, remaining, old_interval)
-
-
-def raise_interrupted(signum, frame):
-    raise Interrupted()
 
 
 def start_echo(children, closing, method, duplex, **pipe_kwargs):

@@ -9,11 +9,15 @@ when the pipe misbehaves.
 import contextlib
 import os
 import signal
+import sys
 import threading
 
 import pytest
 
 from bigipc import _bench
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _signals import Interrupted, alarm, raise_interrupted  # noqa: E402
 
 _core = pytest.importorskip("bigipc._core", reason="the C floor lives in the compiled core")
 
@@ -113,37 +117,20 @@ def test_bad_arguments_are_refused_before_anything_is_written(pipe):
 
 @pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs setitimer")
 def test_a_signal_handler_that_raises_ends_a_blocked_read(pipe):
-    class Stop(Exception):
-        pass
-
-    def handler(signum, frame):
-        raise Stop
-
-    previous = signal.signal(signal.SIGALRM, handler)
-    try:
-        signal.setitimer(signal.ITIMER_REAL, 0.2)
-        with pytest.raises(Stop):
-            _core._floor_read(pipe["r"], bytearray(10), 1)  # nothing ever comes
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    with alarm(raise_interrupted, 0.2), pytest.raises(Interrupted):
+        _core._floor_read(pipe["r"], bytearray(10), 1)  # nothing ever comes
 
 
 @pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs setitimer")
 def test_a_signal_handler_that_returns_lets_the_read_go_on(pipe):
     calls = []
-    previous = signal.signal(signal.SIGALRM, lambda *a: calls.append(1))
-    try:
-        # Interrupt the blocked read, then let the message come.
-        signal.setitimer(signal.ITIMER_REAL, 0.1)
-        timer = threading.Timer(0.4, os.write, (pipe["w"], b"late"))
+    # Interrupt the blocked read, then let the message come.
+    timer = threading.Timer(0.4, os.write, (pipe["w"], b"late"))
+    buffer = bytearray(4)
+    with alarm(lambda signum, frame: calls.append(signum), 0.1):
         timer.start()
-        buffer = bytearray(4)
         _core._floor_read(pipe["r"], buffer, 1)
-        timer.join()
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    timer.join()
     assert calls and buffer == b"late"
 
 

@@ -8,13 +8,16 @@ These move several GiB each and need about 9 GiB of memory; they are marked
 import multiprocessing
 import os
 import resource
-import signal
+import sys
 import time
 
 import numpy as np
 import pytest
 
 import bigipc
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _signals import Interrupted, alarm, raise_interrupted  # noqa: E402
 
 pytestmark = [pytest.mark.huge, pytest.mark.timeout(600)]
 
@@ -150,29 +153,16 @@ def test_timeout_takes_effect_mid_transfer_and_resumes():
     _check(data, nbytes)
 
 
-class _Interrupted(Exception):
-    pass
-
-
 def test_signal_interrupts_mid_transfer_and_stream_stays_in_sync():
     nbytes = 2 * GiB + 12345 * 8
     reader, writer = bigipc.Pipe(duplex=False)
     child = _start(_send_bytes_child, writer, nbytes)
     writer.close()
 
-    def interrupt(signum, frame):
-        raise _Interrupted
-
     assert reader.poll(120)
-    old = signal.signal(signal.SIGALRM, interrupt)
-    try:
-        signal.setitimer(signal.ITIMER_REAL, 0.3)
-        with pytest.raises(_Interrupted):
-            reader.recv_bytes(timeout=60)
-        assert reader.recv_in_progress
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+    with alarm(raise_interrupted, 0.3), pytest.raises(Interrupted):
+        reader.recv_bytes(timeout=60)
+    assert reader.recv_in_progress
     data = reader.recv_bytes(timeout=300)
     _join(child)
     assert len(data) == nbytes

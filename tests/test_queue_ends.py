@@ -8,12 +8,15 @@ bigipc/_core.pyi: what is sent and counted, what is reported back instead.
 
 import array
 import os
-import signal
 import socket
+import sys
 import threading
 import time
 
 import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _signals import Interrupted, alarm, raise_interrupted  # noqa: E402
 
 HEADER = b"BQ\x01\x01\x00\x00\x00\x01"
 PUTS, GETS, PENDING = 0, 1, 3
@@ -139,20 +142,8 @@ def test_recv_waits_for_the_next_record(ends, pair):
 
 
 def test_a_raising_signal_handler_interrupts_a_wait_with_nothing_taken(ends, pair, counters):
-    class Interrupted(Exception):
-        pass
-
-    def handler(signum, frame):
-        raise Interrupted
-
-    old = signal.signal(signal.SIGALRM, handler)
-    try:
-        signal.setitimer(signal.ITIMER_REAL, 0.2)
-        with pytest.raises(Interrupted):
-            ends.recv(bytearray(64), SLOT, True)
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+    with alarm(raise_interrupted, 0.2), pytest.raises(Interrupted):
+        ends.recv(bytearray(64), SLOT, True)
     pair[1].send(HEADER + b"next")
     assert ends.recv(bytearray(64), SLOT, False) == len(HEADER) + 4
     assert counters[SLOT + GETS] == 1

@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _children
 import _queue_api_children as kids
 from _queue_api_children import check, item
+from _signals import Interrupted, alarm, raise_interrupted
 
 _children.make_importable_in_children()
 
@@ -95,26 +96,12 @@ def make(qclass, maxsize=0):
     return qclass(maxsize)
 
 
-class Interrupted(Exception):
-    """What the test SIGALRM handler raises (a KeyboardInterrupt stand-in)."""
-
-
 @contextlib.contextmanager
 def alarm_raises_after(seconds):
     """Expect ``Interrupted`` from the body: a SIGALRM handler raises it
     ``seconds`` after the body starts."""
-
-    def handler(signum, frame):
-        raise Interrupted
-
-    old = signal.signal(signal.SIGALRM, handler)
-    try:
-        with pytest.raises(Interrupted):
-            signal.setitimer(signal.ITIMER_REAL, seconds)
-            yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+    with alarm(raise_interrupted, seconds), pytest.raises(Interrupted):
+        yield
 
 
 def drain(q, n, timeout=LONG):
